@@ -1,0 +1,123 @@
+"""``dg-lightning``: LightningCLI for fit/validate/test, plus ``lodo`` and ``download``.
+
+    dg-lightning fit --config experiments/pacs/erm.yaml --data.test_domains [sketch]
+    dg-lightning fit --config ... --ckpt_path last          # resume a killed run
+    dg-lightning lodo --config experiments/pacs/erm.yaml --seeds 0 1 2
+    dg-lightning download pacs --root ~/data/pacs
+
+Every ``fit`` writes into its run directory (``trainer.default_root_dir``; by default
+``runs/<method>-<data>-<held-out>-seed<seed>``): ``config.yaml`` (the resolved config),
+``checkpoints/`` (best by training-domain validation, and last), ``csv/metrics.csv``, ``wandb/``,
+and, after testing the held-out domains with each selection, ``results.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from dg_lightning.core.callbacks import EpochSeed, RunConfigSaver
+from dg_lightning.core.data import MultiDomainDataModule
+from dg_lightning.core.logging import WandbOptions, default_loggers
+from dg_lightning.core.method import DGMethod
+
+CONFIG_NAME = "config.yaml"
+
+
+def default_run_dir(cfg) -> str:
+    """``runs/<method>-<data>-<held-out>-seed<seed>``: the same command resumes the same run."""
+    method = cfg.model.class_path.rsplit(".", 1)[-1].lower()
+    data = cfg.data.class_path.rsplit(".", 1)[-1].lower()
+    held = cfg.data.init_args.get("test_domains") or "none"
+    held = "+".join([held] if isinstance(held, str) else held)
+    return str(Path("runs") / f"{method}-{data}-{held}-seed{cfg.seed_everything}")
+
+
+class DGCLI(LightningCLI):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("save_config_callback", RunConfigSaver)
+        kwargs.setdefault("save_config_kwargs", {"config_filename": CONFIG_NAME, "overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        defaults = {"use_distributed_sampler": False, "max_epochs": 10}
+        defaults.update(kwargs.pop("trainer_defaults", {}) or {})
+        super().__init__(DGMethod, MultiDomainDataModule, *args, trainer_defaults=defaults, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.add_class_arguments(WandbOptions, "wandb")
+        parser.add_argument("--evaluate_after_fit", type=bool, default=True,
+                            help="after fit, test the held-out domains with each model selection and "
+                                 "write results.json")
+
+    def _cfg(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._cfg()
+        if not cfg.trainer.default_root_dir:
+            cfg.trainer.default_root_dir = default_run_dir(cfg)
+
+    def _instantiate_trainer(self, config, callbacks):
+        cfg = self._cfg()
+        run_dir = Path(config.get("default_root_dir") or cfg.trainer.default_root_dir)
+        given = list(config.get("callbacks") or []) + list(callbacks)
+        if not any(isinstance(c, ModelCheckpoint) for c in given):
+            callbacks.append(ModelCheckpoint(
+                dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+                monitor=self.model.selection_metric, mode="max", save_last=True,
+            ))
+        if not any(isinstance(c, EpochSeed) for c in given):
+            callbacks.append(EpochSeed())
+        if config.get("logger") in (None, True):
+            config["logger"] = default_loggers(run_dir, cfg.wandb)
+        return super()._instantiate_trainer(config, callbacks)
+
+    def before_fit(self) -> None:
+        self._fit_start = time.time()
+        if self.trainer.is_global_zero and hasattr(self.datamodule, "describe"):
+            print(self.datamodule.describe(), flush=True)
+
+    def after_fit(self) -> None:
+        if not self._cfg().evaluate_after_fit or self.trainer.interrupted:
+            return
+        from dg_lightning.core.selection import evaluate_selections
+
+        fit_seconds = round(time.time() - self._fit_start, 2)
+        config_path = Path(self.trainer.default_root_dir) / CONFIG_NAME
+        record = evaluate_selections(self.trainer, self.model, self.datamodule, config_path, fit_seconds)
+        if self.trainer.is_global_zero:
+            for name, r in record["selections"].items():
+                accs = ", ".join(f"{d} {v:.4f}" for d, v in r["test"].items())
+                print(f"[{name}] held-out {accs}", flush=True)
+            print(f"results: {Path(self.trainer.default_root_dir) / 'results.json'}", flush=True)
+
+
+def _set_quiet_env() -> None:
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _set_quiet_env()
+    if argv and argv[0] == "lodo":
+        from dg_lightning.eval.lodo import main as lodo_main
+
+        sys.exit(lodo_main(argv[1:]))
+    if argv and argv[0] == "download":
+        from dg_lightning.data.download import main as download_main
+
+        sys.exit(download_main(argv[1:]))
+    DGCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()

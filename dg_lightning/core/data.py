@@ -1,0 +1,327 @@
+"""The multi-domain data module base: domains, seeded in/out splits, domain-balanced batches.
+
+A subclass says what its domains, classes and samples are (``_discover``, ``_load``); this base does
+the rest, the same way for every benchmark:
+
+* ``test_domains`` (held out) are chosen by name; every other domain is a source (training) domain;
+* each source domain is split with a seeded hold-out (DomainBed ``holdout_fraction=0.2``): the
+  80 % "in" part trains, the 20 % "out" part is the training-domain validation set; official split
+  files replace this split where a benchmark has them;
+* every training batch holds ``batch_size`` samples of *each* source domain (DomainBed: one loader
+  per domain, every step sees every domain), as ``(image, label, domain)``; ``domain`` indexes
+  ``self.domain_names`` (= sources, then held-out domains);
+* ``val_dataloader`` returns one loader per source domain ("out" splits), ``test_dataloader`` one
+  loader per held-out domain (the whole domain by default, or its "in" split).
+
+Under DDP each rank draws its own part of every step (still balanced) and evaluates a disjoint,
+unpadded shard of each evaluation set, so per-domain metrics equal the single-process ones. The
+CLI therefore runs the Trainer with ``use_distributed_sampler=False``.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+Augment = Literal["domainbed", "flip", "none"]
+
+
+def stable_seed(*parts: Any) -> int:
+    """A seed from values, stable across processes and Python versions (unlike ``hash``)."""
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (in, out) split of ``range(n)``: ``round(fraction * n)`` indices go "out"."""
+    perm = np.random.RandomState(seed).permutation(n)
+    n_out = int(round(fraction * n))
+    return np.sort(perm[n_out:]), np.sort(perm[:n_out])
+
+
+def build_transform(image_size: int, augment: Augment, train: bool) -> Callable:
+    """Images in, float tensors in [0, 1] out (the model normalises for its backbone)."""
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if not train or augment == "none":
+        return v2.Compose([v2.Resize((image_size, image_size), antialias=True), *to_tensor])
+    if augment == "flip":
+        return v2.Compose([v2.Resize((image_size, image_size), antialias=True), v2.RandomHorizontalFlip(), *to_tensor])
+    if augment == "domainbed":  # DomainBed's training augmentation
+        return v2.Compose([
+            v2.RandomResizedCrop(image_size, scale=(0.7, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ColorJitter(0.3, 0.3, 0.3, 0.3),
+            v2.RandomGrayscale(0.1),
+            *to_tensor,
+        ])
+    raise ValueError(f"unknown augment {augment!r}: choose one of domainbed, flip, none")
+
+
+class DomainDataset(Dataset):
+    """Samples of one domain: ``(image, label, domain_index)``."""
+
+    def __init__(self, items: Sequence[Any], labels: Sequence[int], domain: int,
+                 load: Callable[[Any], Any], transform: Callable | None):
+        self.items, self.labels = list(items), torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.domain, self.load, self.transform = domain, load, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        img = self.load(self.items[i])
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.labels[i], self.domain
+
+
+class ConcatDomains(Dataset):
+    """Several ``DomainDataset`` end to end; ``offsets[k]`` is where domain ``k`` starts."""
+
+    def __init__(self, parts: Sequence[Dataset]):
+        self.parts = list(parts)
+        self.sizes = [len(p) for p in self.parts]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int):
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return self.parts[k][i - int(self.offsets[k])]
+
+
+class DomainBalancedSampler(Sampler[int]):
+    """Indices into a ``ConcatDomains`` so that each consecutive run of ``batch_size * n_domains``
+    indices holds ``batch_size`` of every domain, in domain order.
+
+    Each domain is drawn without replacement, reshuffled whenever it runs out (DomainBed's infinite
+    per-domain loaders). The order depends only on (seed, epoch), so a run resumed at an epoch
+    boundary sees the same batches; under DDP, rank ``r`` takes the ``r``-th slice of each step.
+    """
+
+    def __init__(self, sizes: Sequence[int], batch_size: int, steps: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if min(sizes) == 0:
+            raise ValueError(f"a source domain has no training samples (sizes {list(sizes)})")
+        self.sizes, self.batch_size, self.steps = list(sizes), batch_size, steps
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps * self.batch_size * len(self.sizes)
+
+    def __iter__(self):
+        rng = np.random.RandomState(stable_seed(self.seed, self.epoch))
+        need = self.steps * self.batch_size * self.world_size
+        streams = []
+        for n in self.sizes:
+            reps = -(-need // n)
+            streams.append(np.concatenate([rng.permutation(n) for _ in range(reps)])[:need])
+        bs = self.batch_size
+        for step in range(self.steps):
+            start = (step * self.world_size + self.rank) * bs
+            for k, stream in enumerate(streams):
+                yield from (stream[start:start + bs] + self.offsets[k]).tolist()
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``r`` of ``w`` gets indices ``r, r + w, ...``: disjoint, unpadded, complete together."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
+        self.n, self.rank, self.world_size = n, rank, world_size
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world_size))
+
+
+class MultiDomainDataModule(L.LightningDataModule):
+    """Base of every classification benchmark (see module docstring).
+
+    Args:
+        test_domains: held-out domain name(s); every other domain trains.
+        batch_size: samples *per source domain* in each training batch (DomainBed's convention).
+        eval_batch_size: batch size of validation/test loaders (default: ``batch_size * 2``).
+        holdout_fraction: fraction of each source domain kept out for validation.
+        split_seed: seed of the in/out split; ``None`` uses the run's seed (``seed_everything``).
+        image_size: square side the images are resized/cropped to (default: the benchmark's own,
+            ``default_image_size``).
+        augment: training augmentation preset (``domainbed``, ``flip``, ``none``).
+        train_transform / eval_transform: your own callables instead of the presets.
+        steps_per_epoch: optimisation steps per epoch; default: smallest source "in" split / batch_size.
+        test_split: evaluate held-out domains on the whole domain (``full``) or its 80 % ``in`` split.
+        num_workers: data loader workers per process.
+    """
+
+    #: image side used when ``image_size`` is not given
+    default_image_size: int = 224
+    #: how to get the data, quoted in errors about a missing root
+    download_hint: str = ""
+    #: the on-disk layout, quoted in errors about a missing root
+    layout_hint: str = ""
+
+    def __init__(
+        self,
+        test_domains: str | list[str] | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        holdout_fraction: float = 0.2,
+        split_seed: int | None = None,
+        image_size: int | None = None,
+        augment: Augment = "domainbed",
+        train_transform: Callable | None = None,
+        eval_transform: Callable | None = None,
+        steps_per_epoch: int | None = None,
+        test_split: Literal["full", "in"] = "full",
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 2 * batch_size
+        self.holdout_fraction, self.split_seed = holdout_fraction, split_seed
+        self.image_size = image_size or self.default_image_size
+        self.augment, self.test_split = augment, test_split
+        self.num_workers, self._steps_per_epoch = num_workers, steps_per_epoch
+        self.train_transform = train_transform or build_transform(self.image_size, augment, train=True)
+        self.eval_transform = eval_transform or build_transform(self.image_size, augment, train=False)
+        self.domains, self.classes = self._discover()
+        held = [test_domains] if isinstance(test_domains, str) else list(test_domains or [])
+        unknown = [d for d in held if d not in self.domains]
+        if unknown:
+            raise ValueError(
+                f"unknown test domain(s) {unknown} for {type(self).__name__}; valid domains: {self.domains}"
+            )
+        self.test_domains = [d for d in self.domains if d in held]
+        self.train_domains = [d for d in self.domains if d not in held]
+        if not self.train_domains:
+            raise ValueError(f"every domain is held out ({held}): leave at least one source domain")
+        self._splits: dict[str, dict[str, np.ndarray]] | None = None
+
+    # -- what a subclass provides -------------------------------------------------------------
+    def _discover(self) -> tuple[list[str], list[str]]:
+        """(domain names, class names) of the whole benchmark."""
+        raise NotImplementedError
+
+    def _samples(self, domain: str) -> tuple[list[Any], list[int]]:
+        """(items, labels) of one domain; ``_load(item)`` turns an item into an image."""
+        raise NotImplementedError
+
+    def _load(self, item: Any) -> Any:
+        return item
+
+    def _official_split(self, domain: str, n: int) -> dict[str, np.ndarray] | None:
+        """Index arrays ``{"in", "out", "test"}`` from official split files, or ``None``."""
+        return None
+
+    # -- derived --------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def domain_names(self) -> list[str]:
+        """Names for the domain index in batches: source domains first, then held-out ones."""
+        return self.train_domains + self.test_domains
+
+    @property
+    def val_domains(self) -> list[str]:
+        return list(self.train_domains)
+
+    def _seed(self) -> int:
+        if self.split_seed is not None:
+            return self.split_seed
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits is not None:
+            return
+        self._data: dict[str, tuple[list[Any], list[int]]] = {}
+        self._splits = {}
+        for d in self.domains:
+            if d not in self.train_domains and d not in self.test_domains:
+                continue
+            items, labels = self._samples(d)
+            if not items:
+                raise FileNotFoundError(f"domain {d!r} of {type(self).__name__} has no samples")
+            self._data[d] = (items, labels)
+            split = self._official_split(d, len(items))
+            if split is None:
+                i_in, i_out = holdout_split(len(items), self.holdout_fraction, stable_seed(self._seed(), d))
+                split = {"in": i_in, "out": i_out, "test": np.arange(len(items))}
+            self._splits[d] = split
+
+    def split_indices(self, domain: str, part: Literal["in", "out", "test"]) -> np.ndarray:
+        self.setup()
+        return self._splits[domain][part]
+
+    def dataset(self, domain: str, part: Literal["in", "out", "test"], train: bool = False) -> DomainDataset:
+        """The ``part`` split of ``domain`` with training or evaluation transforms."""
+        self.setup()
+        items, labels = self._data[domain]
+        idx = self.split_indices(domain, part)
+        return DomainDataset(
+            [items[i] for i in idx], [labels[i] for i in idx], self.domain_names.index(domain),
+            self._load, self.train_transform if train else self.eval_transform,
+        )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        if self._steps_per_epoch:
+            return self._steps_per_epoch
+        smallest = min(len(self.split_indices(d, "in")) for d in self.train_domains)
+        return max(1, smallest // self.batch_size)
+
+    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
+            persistent_workers=False, pin_memory=torch.cuda.is_available(), drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        train = ConcatDomains([self.dataset(d, "in", train=True) for d in self.train_domains])
+        rank, world = self._rank_world()
+        sampler = DomainBalancedSampler(
+            train.sizes, self.batch_size, self.steps_per_epoch, seed=self._seed(), rank=rank, world_size=world
+        )
+        return self._loader(train, self.batch_size * len(self.train_domains), sampler)
+
+    def _eval_loaders(self, domains: list[str], part: str) -> list[DataLoader]:
+        rank, world = self._rank_world()
+        loaders = []
+        for d in domains:
+            ds = self.dataset(d, part)
+            loaders.append(self._loader(ds, self.eval_batch_size, ShardSampler(len(ds), rank, world)))
+        return loaders
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self.val_domains, "out")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self.test_domains, "test" if self.test_split == "full" else "in")
+
+    def describe(self) -> str:
+        self.setup()
+        rows = [f"{type(self).__name__}: {self.num_classes} classes, held out {self.test_domains or 'none'}"]
+        for d in self.train_domains:
+            rows.append(f"  source {d}: in {len(self.split_indices(d, 'in'))}, out {len(self.split_indices(d, 'out'))}")
+        for d in self.test_domains:
+            rows.append(f"  target {d}: test {len(self.split_indices(d, 'test'))}")
+        return "\n".join(rows)

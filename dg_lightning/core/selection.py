@@ -1,0 +1,78 @@
+"""Model selection after a fit, and the per-run ``results.json``.
+
+Two selections are always reported, each named (DomainBed, Gulrajani & Lopez-Paz 2021):
+
+* ``training-domain validation``: the checkpoint with the best mean source-domain validation
+  accuracy (the "out" splits), the default and the only one that never looks at the target;
+* ``oracle``: test-domain validation, DomainBed-style: the last checkpoint, reported separately.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+SELECTIONS = ("training-domain validation", "oracle")
+
+
+def _epoch_of(path: str) -> int | None:
+    m = re.search(r"epoch(\d+)", Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def evaluate_selections(trainer: L.Trainer, model: L.LightningModule, datamodule, config_path: Path | None,
+                        fit_seconds: float | None = None) -> dict:
+    """Test the held-out domains with each selection's checkpoint; write ``results.json``."""
+    ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    if ckpt is None or not ckpt.best_model_path:
+        raise RuntimeError("no checkpoint was saved during fit: model selection needs validation checkpoints")
+    run_dir = Path(trainer.default_root_dir)
+    record = {
+        "method": type(model).__name__,
+        "data": type(datamodule).__name__,
+        "train_domains": list(datamodule.train_domains),
+        "test_domains": list(datamodule.test_domains),
+        "test_split": getattr(datamodule, "test_split", "full"),
+        "seed": _seed(),
+        "run_dir": str(run_dir),
+        "config": str(config_path) if config_path else None,
+        "fit_seconds": fit_seconds,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "selection_metric": model.selection_metric,
+        "selections": {},
+    }
+    paths = {"training-domain validation": ckpt.best_model_path, "oracle": ckpt.last_model_path or ckpt.best_model_path}
+    for name in SELECTIONS:
+        t0 = time.time()
+        trainer.test(model, datamodule=datamodule, ckpt_path=paths[name], verbose=False)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        per_domain = {d: metrics.get(f"test/{d}/{model.metric_name}") for d in datamodule.test_domains}
+        record["selections"][name] = {
+            "checkpoint": paths[name],
+            "epoch": _epoch_of(paths[name]) if name != "oracle" else trainer.current_epoch - 1,
+            "val": float(ckpt.best_model_score) if name != "oracle" and ckpt.best_model_score is not None else None,
+            "test": per_domain,
+            "test_mean": metrics.get(f"test/{model.metric_name}"),
+            "test_seconds": round(time.time() - t0, 2),
+        }
+    if trainer.is_global_zero:
+        (run_dir / "results.json").write_text(json.dumps(record, indent=2))
+        for logger in trainer.loggers:
+            if isinstance(logger, L.pytorch.loggers.WandbLogger):
+                logger.experiment.summary.update({
+                    f"{sel}/test/{d}": acc for sel, r in record["selections"].items() for d, acc in r["test"].items()
+                })
+    return record
+
+
+def _seed() -> int | None:
+    import os
+
+    s = os.environ.get("PL_GLOBAL_SEED")
+    return int(s) if s is not None else None

@@ -1,0 +1,3 @@
+from dg_lightning.methods.erm import ERM
+
+__all__ = ["ERM"]
