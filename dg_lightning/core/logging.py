@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -64,9 +65,7 @@ def default_loggers(run_dir: Path, wandb: WandbOptions) -> list[Logger]:
         if id_file.exists():
             run_id = id_file.read_text().strip()
         else:
-            import wandb as wb
-
-            run_id = wb.util.generate_id()
+            run_id = uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
         loggers.insert(0, WandbLogger(
             project=wandb.project, group=wandb.group, name=wandb.name or run_dir.name, tags=wandb.tags,
