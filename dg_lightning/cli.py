@@ -21,7 +21,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from dg_lightning.core.callbacks import EpochSeed, RunConfigSaver
+from dg_lightning.core.callbacks import BestCheckpoint, StepSeed, LastCheckpoint, RunConfigSaver
 from dg_lightning.core.data import MultiDomainDataModule
 from dg_lightning.core.logging import WandbOptions, default_loggers
 from dg_lightning.core.method import DGMethod
@@ -70,12 +70,10 @@ class DGCLI(LightningCLI):
         run_dir = Path(config.get("default_root_dir") or cfg.trainer.default_root_dir)
         given = list(config.get("callbacks") or []) + list(callbacks)
         if not any(isinstance(c, ModelCheckpoint) for c in given):
-            callbacks.append(ModelCheckpoint(
-                dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-                monitor=self.model.selection_metric, mode="max", save_last=True,
-            ))
-        if not any(isinstance(c, EpochSeed) for c in given):
-            callbacks.append(EpochSeed())
+            callbacks.append(BestCheckpoint(run_dir / "checkpoints", monitor=self.model.selection_metric))
+            callbacks.append(LastCheckpoint(run_dir / "checkpoints"))
+        if not any(isinstance(c, StepSeed) for c in given):
+            callbacks.append(StepSeed())
         if config.get("logger") in (None, True):
             config["logger"] = default_loggers(run_dir, cfg.wandb)
         return super()._instantiate_trainer(config, callbacks)

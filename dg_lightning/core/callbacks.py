@@ -9,21 +9,22 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 
 from dg_lightning.core.data import stable_seed
 
 
-class EpochSeed(L.Callback):
-    """Reseed Python, NumPy and torch at the start of every training epoch from (seed, epoch, rank).
+class StepSeed(L.Callback):
+    """Reseed Python, NumPy and torch before every training batch from (seed, epoch, batch, rank).
 
-    Augmentation and dropout draws of an epoch then depend only on its number, so a run resumed
-    from an epoch-end checkpoint repeats the uninterrupted run exactly (on the same hardware).
-    Runs before the epoch's data loader iterator (and its workers' seeds) is created.
+    Model-side random draws (dropout, views made inside ``training_step``) then depend only on the
+    step's position, so a run resumed from an epoch-end checkpoint repeats the uninterrupted run
+    exactly (same hardware). Data augmentation is seeded per sample by the sampler already.
     """
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        seed = stable_seed(os.environ.get("PL_GLOBAL_SEED", 0), trainer.current_epoch, trainer.global_rank)
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        seed = stable_seed(os.environ.get("PL_GLOBAL_SEED", 0), trainer.current_epoch, batch_idx, trainer.global_rank)
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
@@ -44,3 +45,21 @@ class RunConfigSaver(SaveConfigCallback):
                     logger.log_hyperparams(self.config.as_dict())
         self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """The checkpoint that training-domain validation selects: best ``monitor`` so far."""
+
+    def __init__(self, dirpath, monitor: str, mode: str = "max"):
+        super().__init__(dirpath=dirpath, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+                         monitor=monitor, mode=mode, save_top_k=1, save_last=False)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt``, rewritten after every validation: what ``--ckpt_path last`` resumes from, and
+    the oracle selection's checkpoint. (Lightning's own ``save_last`` only writes when a top-k
+    checkpoint was written in the same step, i.e. not after an epoch that did not improve.)"""
+
+    def __init__(self, dirpath):
+        super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
+                         save_last=False, enable_version_counter=False)

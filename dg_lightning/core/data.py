@@ -75,10 +75,17 @@ class DomainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        """``dataset[i]``, or ``dataset[(i, seed)]``: the random transform then draws from ``seed``."""
+        i, seed = key if isinstance(key, tuple) else (key, None)
         img = self.load(self.items[i])
         if self.transform is not None:
-            img = self.transform(img)
+            if seed is None:
+                img = self.transform(img)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    img = self.transform(img)
         return img, self.labels[i], self.domain
 
 
@@ -93,18 +100,21 @@ class ConcatDomains(Dataset):
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        i, seed = key if isinstance(key, tuple) else (key, None)
         k = int(np.searchsorted(self.offsets, i, side="right") - 1)
-        return self.parts[k][i - int(self.offsets[k])]
+        j = i - int(self.offsets[k])
+        return self.parts[k][j if seed is None else (j, seed)]
 
 
-class DomainBalancedSampler(Sampler[int]):
-    """Indices into a ``ConcatDomains`` so that each consecutive run of ``batch_size * n_domains``
-    indices holds ``batch_size`` of every domain, in domain order.
+class DomainBalancedSampler(Sampler[tuple[int, int]]):
+    """``(index, augmentation seed)`` keys into a ``ConcatDomains`` so that each consecutive run of
+    ``batch_size * n_domains`` keys holds ``batch_size`` of every domain, in domain order.
 
     Each domain is drawn without replacement, reshuffled whenever it runs out (DomainBed's infinite
-    per-domain loaders). The order depends only on (seed, epoch), so a run resumed at an epoch
-    boundary sees the same batches; under DDP, rank ``r`` takes the ``r``-th slice of each step.
+    per-domain loaders). Indices *and* each sample's augmentation seed depend only on (seed, epoch,
+    position), so a run resumed at an epoch boundary sees exactly the same augmented batches, with
+    any number of workers; under DDP, rank ``r`` takes the ``r``-th slice of each step.
     """
 
     def __init__(self, sizes: Sequence[int], batch_size: int, steps: int, seed: int = 0,
@@ -128,11 +138,13 @@ class DomainBalancedSampler(Sampler[int]):
         for n in self.sizes:
             reps = -(-need // n)
             streams.append(np.concatenate([rng.permutation(n) for _ in range(reps)])[:need])
+        seeds = rng.randint(0, 2**31 - 1, size=(len(self.sizes), need))
         bs = self.batch_size
         for step in range(self.steps):
             start = (step * self.world_size + self.rank) * bs
             for k, stream in enumerate(streams):
-                yield from (stream[start:start + bs] + self.offsets[k]).tolist()
+                idx = (stream[start:start + bs] + self.offsets[k]).tolist()
+                yield from zip(idx, seeds[k, start:start + bs].tolist())
 
 
 class ShardSampler(Sampler[int]):

@@ -17,6 +17,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from dg_lightning.core.callbacks import LastCheckpoint
+
 SELECTIONS = ("training-domain validation", "oracle")
 
 
@@ -28,9 +30,12 @@ def _epoch_of(path: str) -> int | None:
 def evaluate_selections(trainer: L.Trainer, model: L.LightningModule, datamodule, config_path: Path | None,
                         fit_seconds: float | None = None) -> dict:
     """Test the held-out domains with each selection's checkpoint; write ``results.json``."""
-    ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    ckpts = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+    ckpt = next((c for c in ckpts if c.monitor == model.selection_metric), None)
+    last = next((c for c in ckpts if isinstance(c, LastCheckpoint)), None)
     if ckpt is None or not ckpt.best_model_path:
-        raise RuntimeError("no checkpoint was saved during fit: model selection needs validation checkpoints")
+        raise RuntimeError(f"no checkpoint monitoring {model.selection_metric} was saved during fit: "
+                           "training-domain validation selection needs one (is validation running?)")
     run_dir = Path(trainer.default_root_dir)
     record = {
         "method": type(model).__name__,
@@ -47,7 +52,10 @@ def evaluate_selections(trainer: L.Trainer, model: L.LightningModule, datamodule
         "selection_metric": model.selection_metric,
         "selections": {},
     }
-    paths = {"training-domain validation": ckpt.best_model_path, "oracle": ckpt.last_model_path or ckpt.best_model_path}
+    last_path = last.best_model_path if last is not None else ckpt.last_model_path
+    if not last_path:
+        raise RuntimeError("no last checkpoint was saved during fit: the oracle selection needs one")
+    paths = {"training-domain validation": ckpt.best_model_path, "oracle": last_path}
     for name in SELECTIONS:
         t0 = time.time()
         trainer.test(model, datamodule=datamodule, ckpt_path=paths[name], verbose=False)

@@ -1,0 +1,114 @@
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from dg_lightning.cli import DGCLI
+from tests.conftest import ROOT, cli_cmd, subprocess_env
+
+YAMLS = sorted((ROOT / "experiments").rglob("*.yaml"))
+TINY = [
+    "--config", str(ROOT / "experiments/demo/erm.yaml"),
+    "--data.per_class=12", "--data.steps_per_epoch=3", "--data.batch_size=4", "--data.image_size=32",
+    "--model.backbone=resnet10t", "--trainer.log_every_n_steps=1", "--trainer.enable_model_summary=false",
+]
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=[str(p.relative_to(ROOT)) for p in YAMLS])
+def test_every_yaml_prints_its_config(path, capsys):
+    with pytest.raises(SystemExit) as e:
+        DGCLI(args=["fit", "--config", str(path), "--print_config"])
+    assert e.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path" in printed and "trainer:" in printed
+
+
+def run_fit(run_dir: Path, *extra: str, check: bool = True, **env) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cli_cmd("fit", *TINY, f"--trainer.default_root_dir={run_dir}", *extra),
+                          env=subprocess_env(**env), capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return proc
+
+
+def test_fit_writes_run_directory_and_is_repeatable(tmp_path):
+    run_fit(tmp_path / "a", "--trainer.max_epochs=2", "--wandb.mode=offline", WANDB_MODE="")
+    run_fit(tmp_path / "b", "--trainer.max_epochs=2")
+    for name in ("config.yaml", "results.json", "checkpoints/last.ckpt", "csv/metrics.csv"):
+        assert (tmp_path / "a" / name).exists(), name
+    assert list((tmp_path / "a" / "wandb").glob("offline-run-*"))  # W&B offline, no prompt
+    ra, rb = (json.loads((tmp_path / r / "results.json").read_text()) for r in "ab")
+    assert set(ra["selections"]) == {"training-domain validation", "oracle"}
+    assert ra["test_domains"] == ["cartoon"] and ra["seed"] == 0
+    assert ra["selections"] == json.loads(json.dumps(ra["selections"]))
+    for sel in ra["selections"]:  # same seed, same numbers
+        assert ra["selections"][sel]["test"] == rb["selections"][sel]["test"]
+    assert "num_classes" not in (tmp_path / "a" / "config.yaml").read_text().split("model:")[0]
+
+
+def _weights(ckpt: Path) -> dict:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    epochs = "--trainer.max_epochs=3", "--model.dropout=0.3"  # dropout: model-side randomness too
+    run_fit(tmp_path / "full", *epochs)
+    killed = run_fit(tmp_path / "crash", *epochs, "--trainer.callbacks+=tests.helpers.KillAtStep",
+                     "--trainer.callbacks.step=8", check=False)
+    assert killed.returncode != 0 and not (tmp_path / "crash" / "results.json").exists()
+    assert (tmp_path / "crash" / "checkpoints" / "last.ckpt").exists()  # saved at the end of epoch 1 (step 6)
+    run_fit(tmp_path / "crash", *epochs, "--ckpt_path=last")
+    full, resumed = _weights(tmp_path / "full/checkpoints/last.ckpt"), _weights(tmp_path / "crash/checkpoints/last.ckpt")
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    rf, rr = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("full", "crash"))
+    assert rf["selections"]["oracle"]["test"] == rr["selections"]["oracle"]["test"]
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_log_the_same_keys(tmp_path):
+    run_fit(tmp_path / "single", "--trainer.max_epochs=1")
+    run_fit(tmp_path / "ddp", "--trainer.max_epochs=1", "--trainer.strategy=ddp", "--trainer.devices=2",
+            "--trainer.accelerator=cpu")
+
+    def keys(run):
+        header = (tmp_path / run / "csv" / "metrics.csv").read_text().splitlines()[0]
+        return set(header.split(","))
+
+    assert keys("single") == keys("ddp")
+    assert {"val/photo/acc", "val/sketch/acc", "val/painting/acc", "val/acc", "train/ce_epoch"} <= keys("ddp")
+    r = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert 0.0 <= r["selections"]["oracle"]["test"]["cartoon"] <= 1.0
+
+
+@pytest.mark.slow
+def test_lodo_runs_every_domain_and_prints_the_table(tmp_path):
+    out = tmp_path / "lodo"
+    proc = subprocess.run(
+        cli_cmd("lodo", "--config", str(ROOT / "experiments/demo/erm.yaml"), "--seeds", "0", "1",
+                "--domains", "cartoon", "sketch", "--out", str(out), "--", *TINY[2:], "--trainer.max_epochs=1"),
+        env=subprocess_env(), capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())
+    assert len(summary["runs"]) == 2 * 2 * 2  # domains x seeds x selections
+    assert {r["selection"] for r in summary["runs"]} == {"training-domain validation", "oracle"}
+    assert all(Path(r["config"]).exists() for r in summary["runs"])
+    assert "| training-domain validation |" in proc.stdout and "cartoon" in proc.stdout
+    assert (out / "per_domain.png").stat().st_size > 1000
+    # a second call finds every run done and only rebuilds the table
+    again = subprocess.run(
+        cli_cmd("lodo", "--config", str(ROOT / "experiments/demo/erm.yaml"), "--seeds", "0", "1",
+                "--domains", "cartoon", "sketch", "--out", str(out), "--", *TINY[2:], "--trainer.max_epochs=1"),
+        env=subprocess_env(), capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert again.stdout.count("done before") == 4
+
+
+def test_lodo_rejects_unknown_domain(tmp_path):
+    proc = subprocess.run(cli_cmd("lodo", "--config", str(ROOT / "experiments/demo/erm.yaml"), "--domains", "clipart",
+                                  "--out", str(tmp_path)), env=subprocess_env(), capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode != 0 and "unknown domain(s) ['clipart']" in proc.stderr and "photo" in proc.stderr

@@ -1,0 +1,55 @@
+import functools
+import hashlib
+import http.server
+import threading
+import zipfile
+
+import pytest
+
+from dg_lightning.data import download as dl
+from dg_lightning.data.download import ChecksumError, download
+from tests.conftest import write_fake_pacs
+
+
+@pytest.fixture
+def pacs_server(tmp_path):
+    """A local HTTP server serving a small PACS.zip laid out like DomainBed's (kfold/<domain>/...)."""
+    tree = write_fake_pacs(tmp_path / "src" / "kfold", per_class=1, size=8)
+    archive = tmp_path / "serve" / "PACS.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in sorted(tree.rglob("*.jpg")):
+            z.write(f, f.relative_to(tree.parent).as_posix())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(archive.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/PACS.zip"
+    yield url, hashlib.md5(archive.read_bytes()).hexdigest()
+    server.shutdown()
+
+
+def test_download_verifies_and_lays_out_pacs(tmp_path, pacs_server):
+    url, md5 = pacs_server
+    root = download("pacs", tmp_path / "pacs", url=url, md5=md5)
+    assert sorted(p.name for p in root.iterdir()) == ["art_painting", "cartoon", "photo", "sketch"]
+    assert len(list(root.rglob("*.jpg"))) == 28
+    assert not (root / ".download").exists()
+
+
+def test_download_with_wrong_checksum_fails_and_deletes(tmp_path, pacs_server):
+    url, _ = pacs_server
+    with pytest.raises(ChecksumError, match="md5 of .*PACS.zip is [0-9a-f]{32}, expected 0{32}"):
+        download("pacs", tmp_path / "pacs", url=url, md5="0" * 32)
+    assert not (tmp_path / "pacs" / ".download" / "PACS.zip").exists()
+    assert not (tmp_path / "pacs" / "photo").exists()
+
+
+def test_download_cli_reports_checksum_error(tmp_path, pacs_server, capsys):
+    url, _ = pacs_server
+    rc = dl.main(["pacs", "--root", str(tmp_path / "p"), "--url", url, "--md5", "1" * 32])
+    assert rc == 1 and "expected 1111" in capsys.readouterr().err
+
+
+def test_published_source_has_a_checksum():
+    assert dl.SOURCES["pacs"].md5 and len(dl.SOURCES["pacs"].md5) == 32
