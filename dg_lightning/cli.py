@@ -21,7 +21,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from dg_lightning.core.callbacks import BestCheckpoint, StepSeed, LastCheckpoint, RunConfigSaver
+from dg_lightning.core.callbacks import BestCheckpoint, LastCheckpoint, RunConfigSaver, StepSeed
 from dg_lightning.core.data import MultiDomainDataModule
 from dg_lightning.core.logging import WandbOptions, default_loggers
 from dg_lightning.core.method import DGMethod
