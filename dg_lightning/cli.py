@@ -75,7 +75,7 @@ class DGCLI(LightningCLI):
         if not any(isinstance(c, StepSeed) for c in given):
             callbacks.append(StepSeed())
         if config.get("logger") in (None, True):
-            config["logger"] = default_loggers(run_dir, cfg.wandb)
+            config["logger"] = default_loggers(run_dir, cfg.wandb, self.subcommand or "fit")
         return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:

@@ -112,3 +112,16 @@ def test_lodo_rejects_unknown_domain(tmp_path):
                                   "--out", str(tmp_path)), env=subprocess_env(), capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
     assert proc.returncode != 0 and "unknown domain(s) ['clipart']" in proc.stderr and "photo" in proc.stderr
+
+
+def test_test_subcommand_keeps_the_training_config(tmp_path):
+    run_fit(tmp_path / "r", "--trainer.max_epochs=1")
+    before = (tmp_path / "r" / "config.yaml").read_text()
+    proc = subprocess.run(cli_cmd("test", *TINY, f"--trainer.default_root_dir={tmp_path / 'r'}",
+                                  f"--ckpt_path={tmp_path / 'r' / 'checkpoints' / 'last.ckpt'}"),
+                          env=subprocess_env(), capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "r" / "config.yaml").read_text() == before
+    assert (tmp_path / "r" / "config-test.yaml").exists()
+    assert "test/cartoon/acc" in (tmp_path / "r" / "csv-test" / "metrics.csv").read_text()
+    assert (tmp_path / "r" / "csv" / "metrics.csv").exists()  # the training log is untouched

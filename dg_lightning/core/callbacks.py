@@ -31,12 +31,15 @@ class StepSeed(L.Callback):
 
 
 class RunConfigSaver(SaveConfigCallback):
-    """Writes the resolved config to ``<default_root_dir>/config.yaml`` (and to W&B's run config)."""
+    """Writes the resolved config to ``<default_root_dir>/config.yaml`` (``config-<stage>.yaml`` for
+    validate/test, so they never overwrite the training config) and to W&B's run config."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.already_saved:
             return
-        path = Path(trainer.default_root_dir) / self.config_filename
+        stage = getattr(stage, "value", stage)  # TrainerFn enum or str
+        name = self.config_filename if stage == "fit" else f"{Path(self.config_filename).stem}-{stage}.yaml"
+        path = Path(trainer.default_root_dir) / name
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)

@@ -52,17 +52,18 @@ def resolve_wandb_mode(mode: str) -> str:
     return "online" if has_wandb_credentials() else "offline"
 
 
-def default_loggers(run_dir: Path, wandb: WandbOptions) -> list[Logger]:
-    """CSV log in ``run_dir/csv`` (an earlier attempt's log is kept as ``metrics.attemptN.csv``) and, unless disabled, a W&B run stored under ``run_dir/wandb``.
+def default_loggers(run_dir: Path, wandb: WandbOptions, stage: str = "fit") -> list[Logger]:
+    """CSV log in ``run_dir/csv`` (``csv-<stage>`` for validate/test; an earlier attempt's log is kept as ``metrics.attemptN.csv``) and, unless disabled, a W&B run stored under ``run_dir/wandb``.
 
     The W&B run id is kept in ``run_dir/wandb_id`` so a resumed run continues the same W&B run.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    csv = run_dir / "csv" / "metrics.csv"
+    version = "csv" if stage == "fit" else f"csv-{stage}"
+    csv = run_dir / version / "metrics.csv"
     if csv.exists():  # a resumed run: keep the interrupted attempt's log beside the new one
         n = len(list(csv.parent.glob("metrics.attempt*.csv"))) + 1
         csv.rename(csv.with_name(f"metrics.attempt{n}.csv"))
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="csv")]
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version=version)]
     mode = resolve_wandb_mode(wandb.mode)
     if mode != "disabled":
         id_file = run_dir / "wandb_id"
