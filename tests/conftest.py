@@ -46,7 +46,7 @@ def write_fake_pacs(root: Path, per_class: int = 3, size: int = 16, split_files:
             for i in range(per_class):
                 name = f"pic_{i:03d}.jpg"
                 Image.fromarray(rng.randint(0, 255, (size, size, 3), dtype=np.uint8)).save(root / d / c / name)
-                lines[d].append(f"{d}/{c}/{name} {k + 1}")
+                lines[d].append(f"PACS/{d}/{c}/{name} {k + 1}")  # as in the official lists
     if split_files:
         for d, ls in lines.items():
             (root / f"{d}_train_kfold.txt").write_text("\n".join(ls[0::3] + ls[1::3]) + "\n")

@@ -140,7 +140,11 @@ class PACS(ImageFolderDomains):
                 if not line.strip():
                     continue
                 rel, label = line.split()
-                rel = rel.split("kfold/", 1)[-1]  # official files name "kfold/<domain>/<class>/<img>"
+                # official lists prefix the path ("PACS/photo/dog/x.jpg", "kfold/photo/..."): keep it from the domain on
+                parts = rel.replace("\\", "/").split("/")
+                if domain not in parts:
+                    raise ValueError(f"{files[part]}:{line_no}: {rel} is not under domain folder {domain!r}")
+                rel = "/".join(parts[len(parts) - 1 - parts[::-1].index(domain):])
                 if rel not in index:
                     raise FileNotFoundError(f"{files[part]}:{line_no} lists {rel}, not found under {self.root}")
                 if labels[index[rel]] != int(label) - 1:
