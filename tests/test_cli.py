@@ -125,3 +125,15 @@ def test_test_subcommand_keeps_the_training_config(tmp_path):
     assert (tmp_path / "r" / "config-test.yaml").exists()
     assert "test/cartoon/acc" in (tmp_path / "r" / "csv-test" / "metrics.csv").read_text()
     assert (tmp_path / "r" / "csv" / "metrics.csv").exists()  # the training log is untouched
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("dg_lightning.methods.GCISG", ["--model.queue_size=64", "--model.emb_dim=16"]),
+    ("dg_lightning.methods.RISE", ["--model.clip_model=ViT-B-32", "--model.clip_pretrained=null",
+                                   "--model.clip_image_size=32"]),
+])
+def test_methods_run_through_the_cli(tmp_path, method, extra):
+    run_fit(tmp_path / "r", f"--model={method}", "--model.backbone=resnet10t", "--trainer.max_epochs=1", *extra)
+    r = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert r["method"] == method.rsplit(".", 1)[-1]
+    assert set(r["selections"]) == {"training-domain validation", "oracle"}

