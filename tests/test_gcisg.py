@@ -6,7 +6,12 @@ import torch
 
 from dg_lightning.data import SyntheticShapes
 from dg_lightning.methods.gcisg import (
-    GCISG, EmbeddingQueue, attention_pool, ema_update, guidance_loss, relational_ci_loss,
+    GCISG,
+    EmbeddingQueue,
+    attention_pool,
+    ema_update,
+    guidance_loss,
+    relational_ci_loss,
 )
 
 

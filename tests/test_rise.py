@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from dg_lightning.methods.rise import (
-    ANCHOR_TEMPLATE, RISE, TEMPLATES, absolute_distance_loss, kd_loss, relative_distance_loss,
+    ANCHOR_TEMPLATE,
+    RISE,
+    TEMPLATES,
+    absolute_distance_loss,
+    kd_loss,
+    relative_distance_loss,
 )
 
 CLASSES = ["dog", "elephant", "guitar"]
