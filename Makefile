@@ -10,7 +10,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export PACS_ROOT
 
-.PHONY: install demo test test-fast bench-pacs bench-speed lint clean
+.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-speed lint clean
 
 install: $(VENV)/.installed
 
@@ -32,7 +32,11 @@ test-fast: install
 
 ## ERM on real PACS (PACS_ROOT), two CPU tables: ResNet-18 scratch 64 px, pretrained lite0 96 px
 bench-pacs: install
-	$(BIN)/python -m dg_lightning.bench.pacs --seeds $(SEEDS) --out bench/pacs
+	$(BIN)/python -m dg_lightning.bench.pacs --suite erm --seeds $(SEEDS) --out bench/pacs
+
+## ERM vs RISE vs GCISG on real PACS, pretrained lite0 at 96 px, same schedule and seeds
+bench-pacs-methods: install
+	$(BIN)/python -m dg_lightning.bench.pacs --suite methods --seeds $(SEEDS) --out bench/pacs-methods
 
 ## images/s of a training step: full data pipeline vs in-memory tensors
 bench-speed: install
