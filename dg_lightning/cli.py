@@ -27,6 +27,11 @@ from dg_lightning.core.logging import WandbOptions, default_loggers
 from dg_lightning.core.method import DGMethod
 
 CONFIG_NAME = "config.yaml"
+HELP = (
+    "dg-lightning: domain generalization experiments. Subcommands fit/validate/test take "
+    "--config experiments/...yaml; also: `dg-lightning lodo --help` (every held-out domain x seed, "
+    "then the table) and `dg-lightning download --help` (datasets, checksum-verified)."
+)
 
 
 def default_run_dir(cfg) -> str:
@@ -46,6 +51,7 @@ class DGCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("save_config_kwargs", {"config_filename": CONFIG_NAME, "overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_kwargs", {"description": HELP})
         defaults = {"use_distributed_sampler": False, "max_epochs": 10}
         defaults.update(kwargs.pop("trainer_defaults", {}) or {})
         super().__init__(DGMethod, MultiDomainDataModule, *args, trainer_defaults=defaults, **kwargs)
@@ -104,6 +110,7 @@ def _set_quiet_env() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     _set_quiet_env()
     if argv and argv[0] == "lodo":
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         from dg_lightning.data.download import main as download_main
 
         sys.exit(download_main(argv[1:]))
-    DGCLI(args=argv)
+    DGCLI(args=None if from_sys else argv)
 
 
 if __name__ == "__main__":
