@@ -137,3 +137,9 @@ def test_methods_run_through_the_cli(tmp_path, method, extra):
     r = json.loads((tmp_path / "r" / "results.json").read_text())
     assert r["method"] == method.rsplit(".", 1)[-1]
     assert set(r["selections"]) == {"training-domain validation", "oracle"}
+    # frozen networks rebuilt from the config (CLIP teacher, ImageNet guide) are not checkpointed
+    state = _weights(tmp_path / "r" / "checkpoints" / "last.ckpt")
+    frozen = "teacher." if method.endswith("RISE") else "guide."
+    assert state and not any(k.startswith(frozen) for k in state)
+    if method.endswith("GCISG"):
+        assert any(k.startswith("teacher.") for k in state) and any(k.startswith("queues.") for k in state)

@@ -42,6 +42,9 @@ class DGMethod(L.LightningModule):
     selection_metric = "val/acc"
     #: the per-domain metric name: `val/<domain>/<metric_name>`
     metric_name = "acc"
+    #: state-dict prefixes of frozen networks rebuilt from the config (a CLIP teacher, an ImageNet
+    #: guide): left out of checkpoints, and restored from the freshly built module on load
+    frozen_prefixes: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -154,6 +157,20 @@ class DGMethod(L.LightningModule):
 
     def on_test_epoch_end(self):
         self._eval_epoch_end("test", self.test_metrics, self.test_domains)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.frozen_prefixes:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith(self.frozen_prefixes)]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.frozen_prefixes:
+            state = checkpoint["state_dict"]
+            for key, value in self.state_dict().items():
+                if key.startswith(self.frozen_prefixes):
+                    state.setdefault(key, value)
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):

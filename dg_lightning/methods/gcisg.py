@@ -110,7 +110,12 @@ class GCISG(DGMethod):
         symmetric: add L_CI(x2, x1) (official: true).
         randaugment_ops / randaugment_magnitude: the style randomisation (1, 6).
         (everything else: :class:`DGMethod`; the guide is the backbone as loaded, so give ``pretrained``)
+
+    The guide is rebuilt from ``backbone``/``pretrained`` and kept out of checkpoints; the EMA
+    teacher, its heads and the queues are saved.
     """
+
+    frozen_prefixes = ("guide.",)
 
     def __init__(
         self,

@@ -72,7 +72,11 @@ class RISE(DGMethod):
         tau: distillation temperature (3).
         w_kd / w_ce / w_dist: w1, w2, w3 (PACS: (0.9, 0.1) or (0.8, 0.2); w3 in {0.5, 1, 2}).
         (everything else: :class:`DGMethod`)
+
+    The frozen CLIP teacher is rebuilt from ``clip_model``/``clip_pretrained`` and kept out of checkpoints.
     """
+
+    frozen_prefixes = ("teacher.",)
 
     def __init__(
         self,
