@@ -24,12 +24,27 @@ from dg_lightning.eval.report import bar_chart, markdown_table
 
 
 def discover_domains(configs: list[str], overrides: list[str]) -> tuple[list[str], str, str]:
-    """Domains of the configured data module, and the method's and data module's class names."""
-    from dg_lightning.cli import DGCLI
+    """Domains of the configured data module, and the method's and data module's class names.
 
-    args = [a for c in configs for a in ("--config", c)] + overrides + ["--trainer.logger=false"]
-    cli = DGCLI(args=args, run=False)
-    return list(cli.datamodule.domains), type(cli.model).__name__, type(cli.datamodule).__name__
+    Parses the configs and overrides exactly as ``fit`` will, but builds only the data module
+    (no model, so no weights are loaded or downloaded here).
+    """
+    from jsonargparse import ArgumentParser
+
+    from dg_lightning.cli import DGCLI
+    from dg_lightning.core.data import MultiDomainDataModule
+
+    class DataOnly(DGCLI):
+        def instantiate_classes(self) -> None:
+            parser = ArgumentParser()
+            parser.add_subclass_arguments(MultiDomainDataModule, "data", required=True)
+            cfg = parser.parse_object({"data": self.config["data"].as_dict()})
+            self.datamodule = parser.instantiate_classes(cfg).data
+
+    args = [a for c in configs for a in ("--config", c)] + overrides
+    cli = DataOnly(args=args, run=False)
+    method = cli.config["model"]["class_path"].rsplit(".", 1)[-1]
+    return list(cli.datamodule.domains), method, type(cli.datamodule).__name__
 
 
 def run_one(configs, overrides, domain, seed, run_dir: Path, group: str) -> dict:
