@@ -304,7 +304,7 @@ class MultiDomainDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler) -> DataLoader:
         return DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
-            persistent_workers=False, pin_memory=torch.cuda.is_available(), drop_last=False,
+            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), drop_last=False,
         )
 
     def train_dataloader(self) -> DataLoader:
