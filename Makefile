@@ -8,7 +8,9 @@ SEEDS       ?= 0 1
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
+ifneq ($(PACS_ROOT),)
 export PACS_ROOT
+endif
 
 .PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-speed lint clean
 

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("DG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SHARED_DATA = Path(os.environ.get("DG_SHARED_DATA") or ROOT.parent / "shared" / "data")
 PACS_DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
 PACS_CLASSES = ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person")
 
@@ -30,7 +30,7 @@ def subprocess_env(**extra: str) -> dict:
 
 @pytest.fixture(scope="session")
 def real_pacs() -> Path:
-    root = Path(os.environ.get("PACS_ROOT", SHARED_DATA / "pacs"))
+    root = Path(os.environ.get("PACS_ROOT") or SHARED_DATA / "pacs")  # an empty PACS_ROOT counts as unset
     if not (root / "photo" / "dog").is_dir():
         pytest.skip(f"real PACS not found at {root} (set PACS_ROOT to run this test)")
     return root
