@@ -106,7 +106,6 @@ class DGCLI(LightningCLI):
 
 def _set_quiet_env() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
-    os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
 
 
 def main(argv: list[str] | None = None) -> None:
