@@ -12,7 +12,7 @@ ifneq ($(PACS_ROOT),)
 export PACS_ROOT
 endif
 
-.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-speed lint clean
+.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-speed bench-steptime lint clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,11 @@ bench-pacs: install
 ## ERM vs RISE vs GCISG on real PACS, pretrained lite0 at 96 px, same schedule and seeds
 bench-pacs-methods: install
 	$(BIN)/python -m dg_lightning.bench.pacs --suite methods --seeds $(SEEDS) --out bench/pacs-methods
+
+## seconds per training step of ERM, RISE and GCISG on the same batch (pretrained lite0, 96 px)
+bench-steptime: install
+	$(BIN)/python -m dg_lightning.bench.steptime --configs experiments/cpu/pacs_erm_lite0.yaml \
+		experiments/cpu/pacs_rise_lite0.yaml experiments/cpu/pacs_gcisg_lite0.yaml --steps 8 --out bench/steptime.json
 
 ## images/s of a training step: full data pipeline vs in-memory tensors
 bench-speed: install
