@@ -1,0 +1,71 @@
+"""Training-step time of methods relative to the first one (ERM), same batch, same backbone.
+
+    python -m dg_lightning.bench.steptime --configs experiments/cpu/pacs_erm_lite0.yaml \\
+        experiments/cpu/pacs_rise_lite0.yaml experiments/cpu/pacs_gcisg_lite0.yaml [--steps 10] [--data.root=DIR ...]
+
+Builds each method and data module from its YAML (as ``fit`` would), takes one training batch,
+and times ``training_losses`` + backward + optimiser step on it (data loading excluded).
+Prints a table and writes JSON (default ``bench/steptime.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def time_steps(configs: list[str], overrides: list[str], steps: int, warmup: int) -> list[dict]:
+    from dg_lightning.cli import DGCLI
+
+    rows = []
+    batch = None
+    for cfg in configs:
+        cli = DGCLI(args=["--config", cfg, *overrides, "--trainer.logger=false"], run=False)
+        model, dm = cli.model, cli.datamodule
+        dm.setup("fit")
+        if hasattr(model, "cache_text_embeddings"):  # RISE: what its setup() does when a fit starts
+            model.cache_text_embeddings(list(dm.classes), list(dm.train_domains))
+        if batch is None:
+            batch = next(iter(dm.train_dataloader()))
+        x, y, d = batch
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        model.train()
+        for i in range(steps + warmup):
+            if i == warmup:
+                t0 = time.perf_counter()
+            loss = model.training_losses(x, y, d)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sec = (time.perf_counter() - t0) / steps
+        rows.append({"config": cfg, "method": type(model).__name__, "seconds_per_step": round(sec, 3),
+                     "images_per_step": len(x)})
+    for r in rows:
+        r["relative_to_first"] = round(r["seconds_per_step"] / rows[0]["seconds_per_step"], 2)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", required=True)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", default="bench/steptime.json")
+    args, overrides = p.parse_known_args(argv)  # anything else is a CLI override, e.g. --data.root=DIR
+    rows = time_steps(args.configs, overrides, args.steps, args.warmup)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}, indent=2))
+    print("| method | config | s / step | x first |\n|---|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['method']} | {r['config']} | {r['seconds_per_step']} | {r['relative_to_first']} |")
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
