@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
+
+from dg_lightning.bench.speed import seconds_per_step
 
 
 def time_steps(configs: list[str], overrides: list[str], steps: int, warmup: int) -> list[dict]:
@@ -31,19 +32,10 @@ def time_steps(configs: list[str], overrides: list[str], steps: int, warmup: int
             model.cache_text_embeddings(list(dm.classes), list(dm.train_domains))
         if batch is None:
             batch = next(iter(dm.train_dataloader()))
-        x, y, d = batch
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        model.train()
-        for i in range(steps + warmup):
-            if i == warmup:
-                t0 = time.perf_counter()
-            loss = model.training_losses(x, y, d)["loss"]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sec = (time.perf_counter() - t0) / steps
+        sec = seconds_per_step(model, batch, opt, steps, warmup)
         rows.append({"config": cfg, "method": type(model).__name__, "seconds_per_step": round(sec, 3),
-                     "images_per_step": len(x)})
+                     "images_per_step": len(batch[0])})
     for r in rows:
         r["relative_to_first"] = round(r["seconds_per_step"] / rows[0]["seconds_per_step"], 2)
     return rows
