@@ -22,16 +22,18 @@ def _xent(p, logits):
 
 def test_relational_ci_loss_by_hand():
     queue = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]])
-    q = torch.tensor([[1.0, 0, 0, 0], [0, 0.6, 0.8, 0]])
-    k = torch.tensor([[0, 1.0, 0, 0], [0, 0, 1.0, 0]])
+    q = torch.tensor([[1.0, 0, 0, 0], [0.6, 0, 0.8, 0]])
+    k = torch.tensor([[0, 1.0, 0, 0], [0, 1.0, 0, 0]])
     # sample 1: student logits (1, 0, 0)/0.5, teacher logits (0, 1, 0)/0.25
     z1 = 2 + math.exp(4)
     l1 = _xent([1 / z1, math.exp(4) / z1, 1 / z1], [2.0, 0.0, 0.0])
-    # sample 2: student logits (0, 0.6, 0.8)/0.5, teacher (0, 0, 1)/0.25
+    # sample 2: student logits (0.6, 0, 0.8)/0.5, teacher (0, 1, 0)/0.25
+    # (chosen so the two samples' dependence on tau_k does not cancel, as a mirrored pair would)
     z2 = 2 + math.exp(4)
-    l2 = _xent([1 / z2, 1 / z2, math.exp(4) / z2], [0.0, 1.2, 1.6])
+    l2 = _xent([1 / z2, math.exp(4) / z2, 1 / z2], [1.2, 0.0, 1.6])
     got = relational_ci_loss(q, k, queue, tau_q=0.5, tau_k=0.25)
     assert float(got) == pytest.approx((l1 + l2) / 2, rel=1e-6)
+    assert float(relational_ci_loss(q, k, queue, tau_q=0.5, tau_k=0.5)) != pytest.approx(float(got), rel=1e-3)
 
 
 def test_ci_loss_does_not_differentiate_the_teacher():

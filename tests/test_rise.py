@@ -43,9 +43,9 @@ def test_absolute_distance_by_hand():
 def test_relative_distance_by_hand():
     e = torch.tensor([[1.0, 0.0]])
     anchors = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
-    raw = torch.tensor([[1.0, 1.0]])
-    student = _softmax([1.0, 0.0])          # cos(e, A) = (1, 0)
-    teacher = _softmax([1 / math.sqrt(2)] * 2)  # cos(T~, A) equal -> (0.5, 0.5)
+    raw = torch.tensor([[2.0, 1.0]])
+    student = _softmax([1.0, 0.0])                            # cos(e, A) = (1, 0)
+    teacher = _softmax([2 / math.sqrt(5), 1 / math.sqrt(5)])  # cos(T~, A): unequal, so its scale matters
     expected = 10 * sum((a - b) ** 2 for a, b in zip(student, teacher)) / 2
     assert float(relative_distance_loss(e, raw, anchors)) == pytest.approx(expected, rel=1e-6)
 
