@@ -77,7 +77,7 @@ def test_datamodule_loaders_split_and_balance():
     for d in dm.train_domains:
         i_in, i_out = dm.split_indices(d, "in"), dm.split_indices(d, "out")
         assert len(i_out) == 12 and not set(i_in) & set(i_out)
-    x, y, d = next(iter(dm.train_dataloader()))
+    x, y, d, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (12, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     assert d.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert len(dm.val_dataloader()) == 3 and len(dm.test_dataloader()) == 1

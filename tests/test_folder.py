@@ -11,7 +11,7 @@ def test_image_folder_discovers_domains_and_classes(tmp_path):
     dm = ImageFolderDomains(root=str(tmp_path / "shapes"), test_domains=["sketch"], batch_size=2, image_size=16)
     assert dm.domains == sorted(STYLES) and dm.classes == sorted(SHAPES)
     assert dm.train_domains == ["cartoon", "painting", "photo"]
-    x, y, d = next(iter(dm.train_dataloader()))
+    x, y, d, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (6, 3, 16, 16) and d.tolist() == [0, 0, 1, 1, 2, 2]
     ds = dm.dataset("sketch", "test")
     assert len(ds) == 5 * len(SHAPES)
@@ -83,8 +83,8 @@ def test_real_pacs_subset(real_pacs):
     dm.setup()
     sizes = {d: len(dm._data[d][0]) for d in dm.domains}
     assert sizes == {"art_painting": 2048, "cartoon": 2344, "photo": 1670, "sketch": 3929}
-    x, y, d = next(iter(dm.train_dataloader()))
+    x, y, d, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (24, 3, 64, 64) and d.tolist() == [0] * 8 + [1] * 8 + [2] * 8
     assert set(np.unique(y.numpy())) <= set(range(7))
-    xv, yv, dv = next(iter(dm.val_dataloader()[2]))
+    xv, yv, dv, _ = next(iter(dm.val_dataloader()[2]))
     assert int(dv[0]) == 2 and xv.shape[1:] == (3, 64, 64)

@@ -51,7 +51,7 @@ def pipeline_throughput(dm, backbone: str, steps: int, warmup: int) -> float:
 
 def seconds_per_step(model, batch, opt: torch.optim.Optimizer, steps: int, warmup: int) -> float:
     """Mean time of ``training_losses`` + backward + optimiser step on one in-memory batch."""
-    x, y, d = batch
+    x, y, d, *_ = batch
     model.train()
     for i in range(steps + warmup):
         if i == warmup:

@@ -21,7 +21,9 @@ CLI therefore runs the Trainer with ``use_distributed_sampler=False``.
 from __future__ import annotations
 
 import os
+import random
 import zlib
+from contextlib import contextmanager
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -64,8 +66,29 @@ def build_transform(image_size: int, augment: Augment, train: bool) -> Callable:
     raise ValueError(f"unknown augment {augment!r}: choose one of domainbed, flip, none")
 
 
+@contextmanager
+def seeded(seed: int):
+    """Seed torch, NumPy and ``random`` inside the block; restore their states afterwards (torchvision
+    transforms draw from torch, some of lightly's from NumPy)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
 class DomainDataset(Dataset):
-    """Samples of one domain: ``(image, label, domain_index)``."""
+    """Samples of one domain: ``(image, label, domain_index, sample_index)``.
+
+    ``image`` is whatever the transform returns: a tensor, or a list of tensors (the views of a
+    self-supervised method); ``sample_index`` is the position in this dataset (in a ``ConcatDomains``,
+    the position in the concatenation), so a method can keep per-sample state such as pseudo-labels.
+    """
 
     def __init__(self, items: Sequence[Any], labels: Sequence[int], domain: int,
                  load: Callable[[Any], Any], transform: Callable | None):
@@ -83,10 +106,9 @@ class DomainDataset(Dataset):
             if seed is None:
                 img = self.transform(img)
             else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
+                with seeded(seed):
                     img = self.transform(img)
-        return img, self.labels[i], self.domain
+        return img, self.labels[i], self.domain, i
 
 
 class ConcatDomains(Dataset):
@@ -104,7 +126,8 @@ class ConcatDomains(Dataset):
         i, seed = key if isinstance(key, tuple) else (key, None)
         k = int(np.searchsorted(self.offsets, i, side="right") - 1)
         j = i - int(self.offsets[k])
-        return self.parts[k][j if seed is None else (j, seed)]
+        img, label, domain, _ = self.parts[k][j if seed is None else (j, seed)]
+        return img, label, domain, i
 
 
 class DomainBalancedSampler(Sampler[tuple[int, int]]):

@@ -102,6 +102,11 @@ class DGMethod(L.LightningModule):
         """Loss terms by name; ``"loss"`` is the total. Every method implements this."""
         raise NotImplementedError
 
+    def train_views(self, image_size: int):
+        """A per-sample training transform that replaces the data module's augmentation preset, e.g.
+        one returning several views (self-supervised methods); ``None`` keeps the data module's."""
+        return None
+
     def train(self, mode: bool = True):
         super().train(mode)
         if mode and self.hparams.freeze_bn:
@@ -120,31 +125,37 @@ class DGMethod(L.LightningModule):
         self.test_domains = list(getattr(dm, "test_domains", ["test"]))
         self.val_metrics = nn.ModuleList([self.make_metric() for _ in self.val_domains])
         self.test_metrics = nn.ModuleList([self.make_metric() for _ in self.test_domains])
+        views = self.train_views(getattr(dm, "image_size", 224))
+        if views is not None and dm is not None:
+            dm.train_transform = views  # data loaders are built after setup, so they use it
         if self.trainer.world_size > 1 and self.device.type == "cpu":
             # CPU DDP: share the cores instead of every rank using all of them
             per_rank = max(1, (os.cpu_count() or 1) // max(1, self.trainer.num_devices))
             torch.set_num_threads(per_rank)
 
     def training_step(self, batch, batch_idx):
-        x, y, domain = batch
+        x, y, domain, *rest = batch
+        # positions of the batch's samples in the training set, for methods with per-sample state
+        self.sample_index = rest[0] if rest else None
         losses = self.training_losses(x, y, domain)
         for k, v in losses.items():
-            self.log(f"train/{k}", v.detach(), prog_bar=k == "loss", on_step=True, on_epoch=True, batch_size=len(x))
+            self.log(f"train/{k}", v.detach(), prog_bar=k == "loss", on_step=True, on_epoch=True, batch_size=len(y))
         return losses["loss"]
 
     def _eval_step(self, metrics: nn.ModuleList, batch, dataloader_idx: int) -> None:
-        x, y, _ = batch
+        x, y, *_ = batch
         metrics[dataloader_idx].update(self(x), y)
 
-    def _eval_epoch_end(self, prefix: str, metrics: nn.ModuleList, domains: list[str]) -> None:
+    def _eval_epoch_end(self, prefix: str, metrics: nn.ModuleList, domains: list[str], suffix: str = "") -> None:
         values = []
         for name, metric in zip(domains, metrics):
             value = metric.compute()
             metric.reset()
             values.append(value)
-            self.log(f"{prefix}/{name}/{self.metric_name}", value, sync_dist=True)
+            self.log(f"{prefix}/{name}/{self.metric_name}{suffix}", value, sync_dist=True)
         if values:
-            self.log(f"{prefix}/{self.metric_name}", torch.stack(values).mean(), prog_bar=True, sync_dist=True)
+            self.log(f"{prefix}/{self.metric_name}{suffix}", torch.stack(values).mean(), prog_bar=not suffix,
+                     sync_dist=True)
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         self._eval_step(self.val_metrics, batch, dataloader_idx)
