@@ -12,7 +12,7 @@ ifneq ($(PACS_ROOT),)
 export PACS_ROOT
 endif
 
-.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-speed bench-steptime lint clean
+.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-pacs-ssl bench-identifiability bench-speed bench-steptime bench-steptime-ssl lint clean
 
 install: $(VENV)/.installed
 
@@ -40,10 +40,23 @@ bench-pacs: install
 bench-pacs-methods: install
 	$(BIN)/python -m dg_lightning.bench.pacs --suite methods --seeds $(SEEDS) --out bench/pacs-methods
 
+## SimCLR vs SimCLR+DDM vs multi-space on real PACS, ResNet-18 from scratch at 64 px, linear probes
+bench-pacs-ssl: install
+	$(BIN)/python -m dg_lightning.bench.pacs --suite ssl --seeds $(SEEDS) --out bench/pacs-ssl
+
+## the synthetic identifiability setting of multi-space disentanglement: R² matrices (no data needed)
+bench-identifiability: install
+	$(BIN)/python -m dg_lightning.bench.identifiability --out bench/identifiability.json
+
 ## seconds per training step of ERM, RISE and GCISG on the same batch (pretrained lite0, 96 px)
 bench-steptime: install
 	$(BIN)/python -m dg_lightning.bench.steptime --configs experiments/cpu/pacs_erm_lite0.yaml \
 		experiments/cpu/pacs_rise_lite0.yaml experiments/cpu/pacs_gcisg_lite0.yaml --steps 8 --out bench/steptime.json
+
+## seconds per training step of the three SSL configs of bench-pacs-ssl
+bench-steptime-ssl: install
+	$(BIN)/python -m dg_lightning.bench.steptime --configs experiments/cpu/pacs_ssl_simclr.yaml \
+		experiments/cpu/pacs_ssl_ddm.yaml experiments/cpu/pacs_ssl_multispace.yaml --steps 5 --out bench/steptime-ssl.json
 
 ## images/s of a training step: full data pipeline vs in-memory tensors
 bench-speed: install

@@ -143,3 +143,29 @@ def test_methods_run_through_the_cli(tmp_path, method, extra):
     assert state and not any(k.startswith(frozen) for k in state)
     if method.endswith("GCISG"):
         assert any(k.startswith("teacher.") for k in state) and any(k.startswith("queues.") for k in state)
+
+
+@pytest.mark.slow
+def test_lodo_pretrains_and_probes_a_self_supervised_method(tmp_path):
+    """`lodo` runs DDM pre-training + linear probes per held-out domain with no method-specific
+    flag; every run reports held-out and in-domain probe accuracy for each representation part."""
+    out = tmp_path / "lodo"
+    proc = subprocess.run(
+        cli_cmd("lodo", "--config", str(ROOT / "experiments/demo/erm.yaml"), "--seeds", "0",
+                "--domains", "cartoon", "sketch", "--out", str(out), "--", *TINY[2:], "--trainer.max_epochs=1",
+                "--model=dg_lightning.methods.DDM", "--model.ssl=simclr",
+                "--model.ssl_args={hidden_dim: 32, out_dim: 16}"),
+        env=subprocess_env(), capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["method"] == "DDM" and len(summary["runs"]) == 2 * 2
+    for row in summary["runs"]:
+        assert 0 <= row["acc"] <= 1 and 0 <= row["in_domain"] <= 1
+        assert set(row["parts"]) == {"var", "full"}
+        assert set(row["parts"]["full"]["test"]) == {row["domain"]}
+        assert len(row["parts"]["var"]["in_domain"]) == 3  # the three source domains
+    run = json.loads((out / "cartoon" / "seed0" / "results.json").read_text())
+    sel = run["selections"]["training-domain validation"]
+    # the selected checkpoint's in-domain probe accuracy is the validation score it was selected by
+    assert sel["in_domain_mean"] == pytest.approx(sel["val"], abs=1e-6)
+    assert "In-domain accuracy" in (out / "summary.md").read_text()

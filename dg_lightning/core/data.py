@@ -23,8 +23,8 @@ from __future__ import annotations
 import os
 import random
 import zlib
-from contextlib import contextmanager
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning as L

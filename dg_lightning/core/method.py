@@ -102,6 +102,13 @@ class DGMethod(L.LightningModule):
         """Loss terms by name; ``"loss"`` is the total. Every method implements this."""
         raise NotImplementedError
 
+    def bind_data(self, dm) -> None:
+        """What the method takes from (or gives to) the data module before training; called by
+        ``setup`` and by tools that run training steps without a Trainer (``bench.steptime``)."""
+        views = self.train_views(getattr(dm, "image_size", 224))
+        if views is not None:
+            dm.train_transform = views  # data loaders are built after setup, so they use it
+
     def train_views(self, image_size: int):
         """A per-sample training transform that replaces the data module's augmentation preset, e.g.
         one returning several views (self-supervised methods); ``None`` keeps the data module's."""
@@ -125,9 +132,8 @@ class DGMethod(L.LightningModule):
         self.test_domains = list(getattr(dm, "test_domains", ["test"]))
         self.val_metrics = nn.ModuleList([self.make_metric() for _ in self.val_domains])
         self.test_metrics = nn.ModuleList([self.make_metric() for _ in self.test_domains])
-        views = self.train_views(getattr(dm, "image_size", 224))
-        if views is not None and dm is not None:
-            dm.train_transform = views  # data loaders are built after setup, so they use it
+        if dm is not None:
+            self.bind_data(dm)
         if self.trainer.world_size > 1 and self.device.type == "cpu":
             # CPU DDP: share the cores instead of every rank using all of them
             per_rank = max(1, (os.cpu_count() or 1) // max(1, self.trainer.num_devices))

@@ -5,6 +5,10 @@ Two selections are always reported, each named (DomainBed, Gulrajani & Lopez-Paz
 * ``training-domain validation``: the checkpoint with the best mean source-domain validation
   accuracy (the "out" splits), the default and the only one that never looks at the target;
 * ``oracle``: test-domain validation, DomainBed-style: the last checkpoint, reported separately.
+
+Each selection's checkpoint is tested on the held-out domains (``test``) and validated on the source
+domains' "out" splits (``in_domain``: DomainBed's in-domain accuracy, and the in-domain linear-probe
+accuracy of the self-supervised methods).
 """
 
 from __future__ import annotations
@@ -59,16 +63,33 @@ def evaluate_selections(trainer: L.Trainer, model: L.LightningModule, datamodule
     for name in SELECTIONS:
         t0 = time.time()
         trainer.test(model, datamodule=datamodule, ckpt_path=paths[name], verbose=False)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-        per_domain = {d: metrics.get(f"test/{d}/{model.metric_name}") for d in datamodule.test_domains}
-        record["selections"][name] = {
+        test = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        test_seconds = round(time.time() - t0, 2)
+        # in-domain: the same checkpoint on the source domains' held-out ("out") splits
+        trainer.validate(model, datamodule=datamodule, ckpt_path=paths[name], verbose=False)
+        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        metric = model.metric_name
+        entry = {
             "checkpoint": paths[name],
             "epoch": _epoch_of(paths[name]) if name != "oracle" else trainer.current_epoch - 1,
             "val": float(ckpt.best_model_score) if name != "oracle" and ckpt.best_model_score is not None else None,
-            "test": per_domain,
-            "test_mean": metrics.get(f"test/{model.metric_name}"),
-            "test_seconds": round(time.time() - t0, 2),
+            "test": {d: test.get(f"test/{d}/{metric}") for d in datamodule.test_domains},
+            "test_mean": test.get(f"test/{metric}"),
+            "in_domain": {d: val.get(f"val/{d}/{metric}") for d in datamodule.val_domains},
+            "in_domain_mean": val.get(f"val/{metric}"),
+            "test_seconds": test_seconds,
         }
+        # further metrics of the same model, logged as `<metric>_<part>` (e.g. the linear probe of
+        # each part of a self-supervised representation)
+        parts = sorted({k.rsplit("/", 1)[1][len(metric) + 1:] for k in test
+                        if k.rsplit("/", 1)[1].startswith(metric + "_")})
+        if parts:
+            entry["parts"] = {
+                part: {"test": {d: test.get(f"test/{d}/{metric}_{part}") for d in datamodule.test_domains},
+                       "in_domain": {d: val.get(f"val/{d}/{metric}_{part}") for d in datamodule.val_domains}}
+                for part in parts
+            }
+        record["selections"][name] = entry
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(record, indent=2))
         for logger in trainer.loggers:

@@ -79,6 +79,7 @@ def flatten(record: dict) -> list[dict]:
                 "val": r.get("val"), "epoch": r.get("epoch"), "checkpoint": r.get("checkpoint"),
                 "method": record["method"], "data": record["data"], "config": record["config"],
                 "run_dir": record["run_dir"], "fit_seconds": record.get("fit_seconds"),
+                "in_domain": r.get("in_domain_mean"), "parts": r.get("parts"),
             })
     return rows
 
@@ -133,6 +134,10 @@ def main(argv: list[str]) -> int:
     rows = [row for rec in records for row in flatten(rec)]
     title = f"{method} on {data}, leave-one-domain-out ({group})"
     table = markdown_table(rows, title)
+    if any(r.get("in_domain") is not None for r in rows):
+        table += "\n\n" + markdown_table(
+            rows, metric="In-domain accuracy (source domains' validation splits; column = the run's held-out domain)",
+            key="in_domain")
     png = bar_chart(rows, out / "per_domain.png", title)
     summary = {
         "experiment": group, "method": method, "data": data, "domains": domains, "seeds": args.seeds,

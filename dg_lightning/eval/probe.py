@@ -42,21 +42,22 @@ def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     """Logistic regression on standardised ``features`` (N, D) minimising
     ``CE(W z + b, y) + weight_decay * ||W||^2`` with ``z = (f - mean) / std``; returned as a
     Linear on raw features: ``W' = W / std``, ``b' = b - W' mean``."""
-    x = features.double()
-    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
-    z = (x - mean) / std
-    y = labels.long()
-    w = torch.zeros(num_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
+    # Lightning evaluates under inference mode: leave it (and no_grad) to optimise the probe
+    with torch.inference_mode(False), torch.enable_grad():
+        x = features.detach().clone().double()
+        mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+        z = (x - mean) / std
+        y = labels.detach().clone().long()
+        w = torch.zeros(num_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
 
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(z @ w.T + b, y) + weight_decay * (w * w).sum()
-        loss.backward()
-        return loss
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(z @ w.T + b, y) + weight_decay * (w * w).sum()
+            loss.backward()
+            return loss
 
-    with torch.enable_grad():
         opt.step(closure)
     probe = nn.Linear(z.shape[1], num_classes)
     with torch.no_grad():

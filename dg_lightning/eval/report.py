@@ -21,8 +21,9 @@ def fmt(mean: float, se: float | None, scale: float = 100.0) -> str:
     return f"{scale * mean:.1f}" if se is None else f"{scale * mean:.1f} ± {scale * se:.1f}"
 
 
-def per_domain_table(rows: list[dict]) -> dict[str, dict[str, tuple[float, float | None, int]]]:
-    """``rows``: flat records with ``selection``, ``domain``, ``seed``, ``acc``.
+def per_domain_table(rows: list[dict], key: str = "acc") -> dict[str, dict[str, tuple[float, float | None, int]]]:
+    """``rows``: flat records with ``selection``, ``domain``, ``seed`` and the value ``key``
+    (default ``acc``; rows whose value is missing are left out).
 
     Returns {selection: {domain or "Avg": (mean, se, n_seeds)}}. "Avg" averages the domains within
     each seed first (seeds missing a domain are left out of it), then takes mean ± se over seeds.
@@ -30,7 +31,8 @@ def per_domain_table(rows: list[dict]) -> dict[str, dict[str, tuple[float, float
     out: dict[str, dict] = {}
     by_sel: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
-        by_sel[r["selection"]].append(r)
+        if r.get(key) is not None:
+            by_sel[r["selection"]].append({**r, "acc": r[key]})
     for sel, rs in by_sel.items():
         domains = sorted({r["domain"] for r in rs})
         table = {}
@@ -47,8 +49,9 @@ def per_domain_table(rows: list[dict]) -> dict[str, dict[str, tuple[float, float
     return out
 
 
-def markdown_table(rows: list[dict], title: str | None = None, metric: str = "accuracy") -> str:
-    tables = per_domain_table(rows)
+def markdown_table(rows: list[dict], title: str | None = None, metric: str = "Held-out accuracy",
+                   key: str = "acc") -> str:
+    tables = per_domain_table(rows, key)
     domains = sorted({r["domain"] for r in rows})
     cols = domains + ["Avg"]
     lines = []
@@ -61,7 +64,7 @@ def markdown_table(rows: list[dict], title: str | None = None, metric: str = "ac
         lines.append(f"| {sel} | " + " | ".join(cells) + " |")
     seeds = sorted({r["seed"] for r in rows})
     lines.append("")
-    lines.append(f"Held-out {metric} (%), mean ± standard error over {len(seeds)} seed(s) {seeds}; "
+    lines.append(f"{metric} (%), mean ± standard error over {len(seeds)} seed(s) {seeds}; "
                  "Avg = mean over domains per seed, then over seeds.")
     return "\n".join(lines)
 

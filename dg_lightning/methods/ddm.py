@@ -137,10 +137,10 @@ class DDM(SSL):
         self.domain_head = nn.Linear(width - self.k_inv, n)
         self.adversary = nn.Linear(self.k_inv, n)
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
+    def bind_data(self, dm) -> None:
+        super().bind_data(dm)
         if not hasattr(self, "domain_head"):
-            n = len(self.trainer.datamodule.train_domains)
+            n = len(dm.train_domains)
             self.hparams.num_domains = n
             self._build_domain_heads(n)
             self.domain_head.to(self.device)

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from lightly.loss.vicreg_loss import covariance_loss, invariance_loss, variance_loss
 from lightly.models.modules.heads import SimCLRProjectionHead
-from torch import nn
 from torchvision.transforms import ColorJitter, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 

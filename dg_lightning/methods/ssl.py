@@ -36,7 +36,13 @@ import torch
 from lightly.loss import BarlowTwinsLoss, DINOLoss, NegativeCosineSimilarity, NTXentLoss
 from lightly.models.modules import heads
 from lightly.models.utils import update_momentum
-from lightly.transforms import BYOLTransform, DINOTransform, MoCoV2Transform, SimCLRTransform, SimSiamTransform
+from lightly.transforms import (
+    BYOLTransform,
+    DINOTransform,
+    MoCoV2Transform,
+    SimCLRTransform,
+    SimSiamTransform,
+)
 from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
@@ -414,7 +420,8 @@ class SSL(SSLMethod):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.objective.momentum is None:
             return
-        m = cosine_schedule(self.global_step, max(1, self.trainer.estimated_stepping_batches),
+        # global_step already counts this step: the schedule is indexed from 0 (m = start at the first step)
+        m = cosine_schedule(self.global_step - 1, max(1, self.trainer.estimated_stepping_batches),
                             self.objective.momentum, 1.0)
         update_momentum(self.backbone, self.momentum_backbone, m)
         self.objective.momentum_update(m)
