@@ -120,7 +120,10 @@ class RISE(DGMethod):
     # -- text side, once per fit ---------------------------------------------------------------
     @torch.no_grad()
     def encode_text(self, sentences: list[str]) -> torch.Tensor:
-        return self.teacher.encode_text(self.tokenizer(sentences).to(self.device)).float()
+        # the teacher's own device: during setup() the module is not on the accelerator yet,
+        # although ``self.device`` may already name it
+        device = next(self.teacher.parameters()).device
+        return self.teacher.encode_text(self.tokenizer(sentences).to(device)).float()
 
     @torch.no_grad()
     def cache_text_embeddings(self, classes: list[str], domains: list[str]) -> None:

@@ -1,0 +1,61 @@
+"""Every method trains and evaluates on a CUDA GPU in bf16 mixed precision (skipped without a GPU).
+
+CI has no GPU; run ``pytest -m cuda`` on a GPU machine. Catches what only shows on a device:
+tensors left on the CPU (queues, caches, pseudo-labels, probes), dtype mismatches under autocast.
+"""
+
+import lightning as L
+import pytest
+import torch
+
+from dg_lightning.data import SyntheticShapes
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+SMALL = {"num_classes": 6, "backbone": "resnet10t"}
+HEADS = {"hidden_dim": 32, "out_dim": 16}
+
+
+def build(name: str):
+    from dg_lightning import methods as m
+
+    if name == "ERM":
+        return m.ERM(**SMALL)
+    if name == "GCISG":
+        return m.GCISG(queue_size=64, emb_dim=16, **SMALL)
+    if name == "RISE":
+        return m.RISE(clip_model="ViT-B-32", clip_pretrained=None, clip_image_size=32, **SMALL)
+    if name.startswith("SSL-"):
+        ssl = name[4:]
+        args = dict(HEADS, **({"queue_size": 64} if ssl == "moco" else {}),
+                    **({"bottleneck_dim": 8, "out_dim": 32, "n_local_views": 2} if ssl == "dino" else {}))
+        return m.SSL(ssl=ssl, ssl_args=args, **SMALL)
+    if name == "DDM-pseudo":
+        return m.DDM(ssl="byol", ssl_args=HEADS, domain_labels="pseudo", **SMALL)
+    if name == "MultiSpace":
+        return m.MultiSpace(style_groups=["color", "crop"], proj_hidden=32, proj_dim=16, dual_ascent=True, **SMALL)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", ["ERM", "GCISG", "RISE", "SSL-simclr", "SSL-moco", "SSL-dino", "DDM-pseudo", "MultiSpace"])
+def test_method_trains_on_cuda_in_bf16(name):
+    L.seed_everything(0)
+    dm = SyntheticShapes(per_class=8, test_domains=["cartoon"], batch_size=8, steps_per_epoch=3, split_seed=0,
+                         image_size=32)
+    model = build(name)
+    devices = set()
+
+    class Where(L.Callback):  # Lightning moves the model back to the CPU after fit/test: look during training
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            devices.update(t.device.type for t in [*pl_module.parameters(), *pl_module.buffers()])
+            devices.update(t.device.type for t in vars(pl_module).values() if isinstance(t, torch.Tensor))
+
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False,
+                        enable_model_summary=False, callbacks=[Where()])
+    trainer.fit(model, datamodule=dm)
+    assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
+    assert 0.0 <= float(trainer.callback_metrics["val/acc"]) <= 1.0
+    trainer.test(model, datamodule=dm, verbose=False)
+    assert 0.0 <= float(trainer.callback_metrics["test/cartoon/acc"]) <= 1.0
+    assert devices == {"cuda"}
