@@ -191,3 +191,21 @@ def test_linear_probe_fits_under_inference_mode():
     with torch.inference_mode():
         probe = fit_linear_probe(x, y, 2)
     assert (probe(x).argmax(1) == y).all()
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_ddm_wraps_every_base(name):
+    """DDM around each base: the base's heads see h_inv only, and one step's loss has every term."""
+    torch.manual_seed(0)
+    model = DDM(num_classes=3, backbone="resnet10t", ssl=name, ssl_args=TINY_HEADS[name], num_domains=3, split=0.25)
+    k = model.k_inv
+    assert k == round(0.25 * model.backbone.num_features)
+    first = next(m for m in model.objective.head.modules() if isinstance(m, torch.nn.Linear))
+    assert first.in_features == k
+    local_crops = 2 if name == "dino" else 0  # DINO: two global views and two smaller local ones
+    views = [torch.rand(6, 3, 32, 32) for _ in range(2)] + [torch.rand(6, 3, 16, 16) for _ in range(local_crops)]
+    terms = model.training_losses(views, torch.zeros(6, dtype=torch.long), torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert {"loss", "ssl", "domain", "adversarial"} <= set(terms)
+    assert all(torch.isfinite(v) for v in terms.values())
+    terms["loss"].backward()
+    assert model.domain_head.weight.grad is not None and model.adversary.weight.grad is not None
