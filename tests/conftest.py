@@ -28,6 +28,17 @@ def subprocess_env(**extra: str) -> dict:
     return env
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that changes torch's thread count (benchmarks pin one thread) must not change the
+    numerics, hence the outcome, of the tests after it."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def real_pacs() -> Path:
     root = Path(os.environ.get("PACS_ROOT") or SHARED_DATA / "pacs")  # an empty PACS_ROOT counts as unset

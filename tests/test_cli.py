@@ -1,5 +1,6 @@
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,49 @@ def test_lodo_pretrains_and_probes_a_self_supervised_method(tmp_path):
     # the selected checkpoint's in-domain probe accuracy is the validation score it was selected by
     assert sel["in_domain_mean"] == pytest.approx(sel["val"], abs=1e-6)
     assert "In-domain accuracy" in (out / "summary.md").read_text()
+
+
+PROBE_SCRIPT = """
+import sys, torch, lightning as L
+from dg_lightning.data import SyntheticShapes
+from dg_lightning.methods import SSL
+out, devices = sys.argv[1], int(sys.argv[2])
+L.seed_everything(0)
+dm = SyntheticShapes(per_class=6, test_domains=["cartoon"], batch_size=4, eval_batch_size=5, image_size=32,
+                     split_seed=0)
+model = SSL(num_classes=dm.num_classes, backbone="resnet10t", ssl="simclr",
+            ssl_args={"hidden_dim": 16, "out_dim": 8})
+fit_probes = model.fit_probes
+def record():
+    feats, labels = model.probe_features()
+    sizes = [len(ds) for ds in model.probe_datasets()]
+    torch.save({"feats": feats, "labels": labels, "sizes": sizes}, f"{out}/rank{model.global_rank}.pt")
+    fit_probes()
+model.fit_probes = record
+trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+trainer.validate(model, datamodule=dm, verbose=False)
+torch.save({k: v for k, v in model.state_dict().items() if k.startswith("probes")}, f"{out}/probes{model.global_rank}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_extract_each_probe_feature_once_and_agree(tmp_path):
+    """Under DDP each rank extracts a disjoint shard of the probe features; the gathered shards
+    must be the single process's features in the same order, and every rank must fit the same probes."""
+    script = tmp_path / "probe_ddp.py"
+    script.write_text(PROBE_SCRIPT)
+    for name, devices in (("single", 1), ("ddp", 2)):
+        (tmp_path / name).mkdir()
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path / name), str(devices)], env=subprocess_env(),
+                              capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one = torch.load(tmp_path / "single" / "rank0.pt")
+    assert len(one["sizes"]) == 3 and sum(one["sizes"]) == len(one["labels"])  # the sources' "in" splits
+    assert any(n % 2 for n in one["sizes"])  # an odd split: rank 1's shard is padded for the gather
+    for rank in (0, 1):
+        got = torch.load(tmp_path / "ddp" / f"rank{rank}.pt")
+        assert torch.equal(got["labels"], one["labels"])
+        assert torch.allclose(got["feats"]["full"], one["feats"]["full"], atol=1e-4)
+    p0, p1 = (torch.load(tmp_path / "ddp" / f"probes{r}.pt") for r in (0, 1))
+    assert all(torch.equal(p0[k], p1[k]) for k in p0)

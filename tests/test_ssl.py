@@ -209,3 +209,15 @@ def test_ddm_wraps_every_base(name):
     assert all(torch.isfinite(v) for v in terms.values())
     terms["loss"].backward()
     assert model.domain_head.weight.grad is not None and model.adversary.weight.grad is not None
+
+
+def test_unshard_restores_dataset_order_after_gather():
+    from dg_lightning.core.data import ShardSampler
+    from dg_lightning.eval.probe import pad_rows, unshard
+
+    n, world = 7, 3
+    data = torch.arange(n * 2).view(n, 2)
+    m = len(ShardSampler(n, 0, world))
+    shards = [pad_rows(data[list(ShardSampler(n, r, world))], m) for r in range(world)]
+    assert [len(s) for s in shards] == [3, 3, 3]  # ranks 1 and 2 padded by one row
+    assert torch.equal(unshard(torch.stack(shards), n), data)

@@ -30,8 +30,6 @@ def time_steps(configs: list[str], overrides: list[str], steps: int, warmup: int
         cli = DGCLI(args=["--config", cfg, *overrides, "--trainer.logger=false"], run=False)
         model, dm = cli.model, cli.datamodule
         dm.setup("fit")
-        if hasattr(model, "cache_text_embeddings"):  # RISE: what its setup() does when a fit starts
-            model.cache_text_embeddings(list(dm.classes), list(dm.train_domains))
         model.bind_data(dm)
         if model.train_views(dm.image_size) is not None:  # self-supervised methods: their own views
             own = next(iter(dm.train_dataloader()))

@@ -51,11 +51,28 @@ class RunConfigSaver(SaveConfigCallback):
 
 
 class BestCheckpoint(ModelCheckpoint):
-    """The checkpoint that training-domain validation selects: best ``monitor`` so far."""
+    """The checkpoint that training-domain validation selects: best ``monitor`` so far.
+
+    It also keeps the validation metrics logged when that checkpoint was written
+    (``best_val_metrics``: per source domain, in-domain), so that the selection report needs no
+    second validation pass over the same checkpoint. They survive a resume (callback state).
+    """
 
     def __init__(self, dirpath, monitor: str, mode: str = "max"):
         super().__init__(dirpath=dirpath, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
                          monitor=monitor, mode=mode, save_top_k=1, save_last=False)
+        self.best_val_metrics: dict[str, float] = {}
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        self.best_val_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        super()._save_checkpoint(trainer, filepath)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "best_val_metrics": dict(self.best_val_metrics)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.best_val_metrics = dict(state_dict.get("best_val_metrics", {}))
 
 
 class LastCheckpoint(ModelCheckpoint):

@@ -6,9 +6,10 @@ Two selections are always reported, each named (DomainBed, Gulrajani & Lopez-Paz
   accuracy (the "out" splits), the default and the only one that never looks at the target;
 * ``oracle``: test-domain validation, DomainBed-style: the last checkpoint, reported separately.
 
-Each selection's checkpoint is tested on the held-out domains (``test``) and validated on the source
-domains' "out" splits (``in_domain``: DomainBed's in-domain accuracy, and the in-domain linear-probe
-accuracy of the self-supervised methods).
+Each selection's checkpoint is tested on the held-out domains (``test``) and reports its accuracy on the
+source domains' "out" splits (``in_domain``: DomainBed's in-domain accuracy, and the in-domain
+linear-probe accuracy of the self-supervised methods): for the best checkpoint the values logged when
+it was written (:class:`~dg_lightning.core.callbacks.BestCheckpoint`), for the last one a validation pass.
 """
 
 from __future__ import annotations
@@ -65,9 +66,12 @@ def evaluate_selections(trainer: L.Trainer, model: L.LightningModule, datamodule
         trainer.test(model, datamodule=datamodule, ckpt_path=paths[name], verbose=False)
         test = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         test_seconds = round(time.time() - t0, 2)
-        # in-domain: the same checkpoint on the source domains' held-out ("out") splits
-        trainer.validate(model, datamodule=datamodule, ckpt_path=paths[name], verbose=False)
-        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        # in-domain: the same checkpoint on the source domains' held-out ("out") splits; the best
+        # checkpoint's were logged when it was written, the last one is validated again
+        val = getattr(ckpt, "best_val_metrics", None) if name == "training-domain validation" else None
+        if not val:
+            trainer.validate(model, datamodule=datamodule, ckpt_path=paths[name], verbose=False)
+            val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         metric = model.metric_name
         entry = {
             "checkpoint": paths[name],

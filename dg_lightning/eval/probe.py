@@ -3,7 +3,8 @@
 ``fit_linear_probe`` fits a multinomial logistic regression on standardised features (full-batch
 L-BFGS, L2 penalty, deterministic) and returns it as an ``nn.Linear`` acting on the *raw*
 features (the standardisation is folded into its weights), so it can sit in a model and be saved
-with its checkpoint. ``extract`` runs a feature function over loaders.
+with its checkpoint. ``extract`` runs a feature function over loaders; under DDP each rank extracts
+its shard and ``unshard`` puts the gathered shards back in dataset order.
 
 The self-supervised methods (:class:`dg_lightning.methods.ssl.SSLMethod`) use both at the start of
 every validation epoch: features of the source domains' training ("in") splits, one probe per part
@@ -35,6 +36,24 @@ def extract(fn: Callable[[torch.Tensor], dict[str, torch.Tensor]], loaders: Iter
     if not labels:
         raise ValueError("no samples to fit a linear probe on")
     return {p: torch.cat(v) for p, v in feats.items()}, torch.cat(labels)
+
+
+def unshard(gathered: torch.Tensor, n: int) -> torch.Tensor:
+    """Undo :class:`~dg_lightning.core.data.ShardSampler` after an all-gather.
+
+    ``gathered`` is (world, m, ...): rank ``r``'s features of samples ``r, r + world, ...``, padded
+    to the longest shard ``m``; returns the ``n`` samples in dataset order."""
+    world = gathered.shape[0]
+    out = gathered.new_empty((n, *gathered.shape[2:]))
+    for r in range(world):
+        k = len(range(r, n, world))
+        out[r::world] = gathered[r, :k]
+    return out
+
+
+def pad_rows(t: torch.Tensor, m: int) -> torch.Tensor:
+    """``t`` (k, ...) padded with zeros to ``m`` rows (equal shapes for an all-gather)."""
+    return torch.cat([t, t.new_zeros((m - len(t), *t.shape[1:]))]) if len(t) < m else t
 
 
 def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int,

@@ -106,7 +106,7 @@ class RISE(DGMethod):
         dim = self.teacher.text_projection.shape[1] if hasattr(self.teacher, "text_projection") else 512
         self.projector = nn.Linear(self.backbone.num_features, dim)  # e = W_e f(x)
         self.classifier = nn.Linear(dim, self.hparams.num_classes)   # s = W_c e
-        # filled by cache_text_embeddings() when a fit starts
+        # filled by bind_data() (cache_text_embeddings) when a fit starts
         self.register_buffer("class_text", torch.zeros(self.hparams.num_classes, dim), persistent=False)
         self.register_buffer("class_text_raw", torch.zeros(self.hparams.num_classes, dim), persistent=False)
         self.register_buffer("anchors", torch.zeros(self.hparams.num_classes, 0, dim), persistent=False)
@@ -139,12 +139,14 @@ class RISE(DGMethod):
         self.class_text_raw, self.class_text, self.anchors = raw, F.normalize(raw, dim=1), anchors
         self.text_cache_key = key
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        dm = getattr(self.trainer, "datamodule", None)
-        if stage == "fit":
-            if dm is None or not hasattr(dm, "classes"):
-                raise RuntimeError("RISE needs a data module with class and domain names (classes, train_domains)")
+    def bind_data(self, dm) -> None:
+        """Cache the class and anchor text embeddings for the data module's class and source-domain
+        names; the first time (or when the names change) the classifier starts from the class text."""
+        super().bind_data(dm)
+        if not hasattr(dm, "classes") or not hasattr(dm, "train_domains"):
+            raise RuntimeError("RISE needs a data module with class and domain names (classes, train_domains)")
+        key = (tuple(dm.classes), tuple(dm.train_domains))
+        if key != self.text_cache_key:
             self.cache_text_embeddings(list(dm.classes), list(dm.train_domains))
             with torch.no_grad():  # classifier initialised from the class text embeddings
                 self.classifier.weight.copy_(self.class_text)

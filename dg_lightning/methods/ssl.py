@@ -51,7 +51,7 @@ from torchvision.transforms.functional import to_pil_image
 
 from dg_lightning.core.data import ShardSampler
 from dg_lightning.core.method import DGMethod
-from dg_lightning.eval.probe import extract, fit_linear_probe
+from dg_lightning.eval.probe import extract, fit_linear_probe, pad_rows, unshard
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:
@@ -281,6 +281,9 @@ class SSLMethod(DGMethod):
         if self.probe_part not in dims:
             raise ValueError(f"probe part {self.probe_part!r} is not one of {sorted(dims)}")
         self.probes = nn.ModuleDict({p: nn.Linear(d, self.hparams.num_classes) for p, d in dims.items()})
+        # fitted in closed form, never by the optimiser; frozen before DDP wraps the module (which
+        # happens before configure_optimizers), else DDP waits for their gradients
+        self.probes.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits of the primary part's linear probe."""
@@ -301,25 +304,48 @@ class SSLMethod(DGMethod):
         return out
 
     # -- probes ----------------------------------------------------------------------------------
-    def probe_loaders(self) -> list:
+    def probe_datasets(self) -> list:
+        """The source domains' "in" splits (at most ``probe_max_samples`` each, seeded)."""
         dm = self.trainer.datamodule
-        loaders = []
+        out = []
         for d in dm.train_domains:
             ds = dm.dataset(d, "in")
             limit = self.hparams.probe_max_samples
             if limit and len(ds) > limit:
                 g = torch.Generator().manual_seed(len(ds))
                 ds = Subset(ds, torch.randperm(len(ds), generator=g)[:limit].sort().values.tolist())
-            loaders.append(dm._loader(ds, dm.eval_batch_size, ShardSampler(len(ds))))
-        return loaders
+            out.append(ds)
+        return out
+
+    def probe_features(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Frozen features and labels of the probe datasets. Under DDP every rank extracts a disjoint
+        shard and the shards are all-gathered back into dataset order, so every rank fits the same
+        probes on the same features, each sample's features computed once."""
+        dm, rank, world = self.trainer.datamodule, self.global_rank, self.trainer.world_size
+        feats: dict[str, list[torch.Tensor]] = {}
+        labels = []
+        for ds in self.probe_datasets():
+            n = len(ds)
+            if n < world:
+                raise ValueError(f"a probe dataset of {n} samples cannot be sharded over {world} processes")
+            loader = dm._loader(ds, dm.eval_batch_size, ShardSampler(n, rank, world))
+            f, y = extract(self.representations, [loader], self.device)
+            if world > 1:
+                m = len(range(0, n, world))  # rank 0's shard is the longest
+                f = {p: unshard(self.all_gather(pad_rows(v.to(self.device), m)).cpu(), n) for p, v in f.items()}
+                y = unshard(self.all_gather(pad_rows(y.to(self.device), m)).cpu(), n)
+            for p, v in f.items():
+                feats.setdefault(p, []).append(v)
+            labels.append(y)
+        return {p: torch.cat(v) for p, v in feats.items()}, torch.cat(labels)
 
     @torch.no_grad()
     def fit_probes(self) -> None:
-        """Refit every probe on the frozen features of the source "in" splits. Every DDP rank
-        fits on all of them (deterministic), so the probes agree across ranks."""
+        """Refit every probe on the frozen features of the source "in" splits (identical on every
+        DDP rank: same gathered features, deterministic fit)."""
         was_training = self.training
         self.eval()
-        feats, labels = extract(self.representations, self.probe_loaders(), self.device)
+        feats, labels = self.probe_features()
         for part, probe in self.probes.items():
             fitted = fit_linear_probe(feats[part], labels, self.hparams.num_classes,
                                       self.hparams.probe_weight_decay, self.hparams.probe_max_iter)
@@ -333,22 +359,22 @@ class SSLMethod(DGMethod):
     # -- metrics per part --------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        # one metric list per (stage, part); the primary part's are the base's val/test metrics
         self.part_metrics = nn.ModuleDict()
-        for prefix, domains in (("val", self.val_domains), ("test", self.test_domains)):
+        for prefix, domains, primary in (("val", self.val_domains, self.val_metrics),
+                                         ("test", self.test_domains, self.test_metrics)):
             for part in self.probes:
-                if part != self.probe_part:
-                    self.part_metrics[f"{prefix}_{part}"] = nn.ModuleList([self.make_metric() for _ in domains])
+                self.part_metrics[f"{prefix}_{part}"] = primary if part == self.probe_part else \
+                    nn.ModuleList([self.make_metric() for _ in domains])
 
     def _probe_step(self, prefix: str, batch, dataloader_idx: int) -> None:
         x, y, *_ = batch
         reps = self.representations(x)
         for part, probe in self.probes.items():
-            metrics = (self.val_metrics if prefix == "val" else self.test_metrics) if part == self.probe_part \
-                else self.part_metrics[f"{prefix}_{part}"]
-            metrics[dataloader_idx].update(probe(reps[part]), y)
+            self.part_metrics[f"{prefix}_{part}"][dataloader_idx].update(probe(reps[part]), y)
 
     def _part_epoch_end(self, prefix: str, domains: list[str]) -> None:
-        for part in self.probes:
+        for part in self.probes:  # the primary part is logged by the base, without a suffix
             if part != self.probe_part:
                 self._eval_epoch_end(prefix, self.part_metrics[f"{prefix}_{part}"], domains, suffix=f"_{part}")
 
@@ -365,11 +391,6 @@ class SSLMethod(DGMethod):
     def on_test_epoch_end(self):
         super().on_test_epoch_end()
         self._part_epoch_end("test", self.test_domains)
-
-    def configure_optimizers(self):
-        for p in self.probes.parameters():  # fitted in closed form, never by the optimiser
-            p.requires_grad_(False)
-        return super().configure_optimizers()
 
 
 class SSL(SSLMethod):
