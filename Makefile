@@ -4,6 +4,7 @@ VENV        ?= .venv
 CONSTRAINTS ?= constraints.txt
 BIN         := $(VENV)/bin
 PACS_ROOT   ?= $(shell [ -d ../shared/data/pacs ] && echo ../shared/data/pacs)
+DG_DATA     ?= $(shell [ -d ../shared/data ] && echo ../shared/data)
 SEEDS       ?= 0 1
 
 export NO_ALBUMENTATIONS_UPDATE := 1
@@ -11,8 +12,11 @@ export HF_HUB_OFFLINE := 1
 ifneq ($(PACS_ROOT),)
 export PACS_ROOT
 endif
+ifneq ($(DG_DATA),)
+export DG_DATA
+endif
 
-.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-pacs-ssl bench-identifiability bench-speed bench-steptime bench-steptime-ssl lint clean
+.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-seg bench-pacs-ssl bench-identifiability bench-speed bench-steptime bench-steptime-ssl lint clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +43,10 @@ bench-pacs: install
 ## ERM vs RISE vs GCISG on real PACS, pretrained lite0 at 96 px, same schedule and seeds
 bench-pacs-methods: install
 	$(BIN)/python -m dg_lightning.bench.pacs --suite methods --seeds $(SEEDS) --out bench/pacs-methods
+
+## segmentation DG: ERM vs GCISG, DeepLabV3+ lite0, real Cityscapes -> Cityscapes val, CamVid, CamVid dusk
+bench-seg: install
+	$(BIN)/python -m dg_lightning.bench.seg --seeds $(SEEDS) --out bench/seg
 
 ## SimCLR vs SimCLR+DDM vs multi-space on real PACS, ResNet-18 from scratch at 64 px, linear probes
 bench-pacs-ssl: install

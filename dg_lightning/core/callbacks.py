@@ -83,3 +83,63 @@ class LastCheckpoint(ModelCheckpoint):
     def __init__(self, dirpath):
         super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
                          save_last=False, enable_version_counter=False)
+
+
+class SegmentationOverlays(L.Callback):
+    """Predictions on the first ``num_images`` test images of every target, as overlays.
+
+    For each test call (one per model selection) it writes
+    ``<run>/overlays/<checkpoint>/<target>/<k>.png``: the image, the ground truth and the prediction
+    over it in Cityscapes colours (ignore left uncoloured), side by side; and, with W&B, the images
+    with their ``ground_truth`` and ``prediction`` masks (toggle per class in the W&B UI).
+    Classification runs are left alone.
+    """
+
+    def __init__(self, num_images: int = 4, alpha: float = 0.6):
+        self.num_images, self.alpha = num_images, alpha
+        self._kept: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._kept = {}
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not getattr(pl_module, "segmentation", False) or outputs is None:
+            return
+        kept = self._kept.setdefault(pl_module.test_domains[dataloader_idx], [])
+        x, y = batch[0], batch[1]
+        for i in range(min(len(x), self.num_images - len(kept))):
+            image = x[i:i + 1]
+            if image.shape[-2:] != y.shape[-2:]:  # images scaled for inference: show them at label size
+                image = torch.nn.functional.interpolate(image, size=tuple(y.shape[-2:]), mode="bilinear")
+            rgb = (image[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().cpu().numpy()
+            kept.append((rgb, y[i].cpu().numpy().astype(np.uint8), outputs[i].cpu().numpy().astype(np.uint8)))
+
+    def blend(self, rgb: np.ndarray, label: np.ndarray) -> np.ndarray:
+        from dg_lightning.data.segmentation.labels import colorize
+
+        out = rgb.astype(np.float32)
+        valid = label != 255
+        out[valid] = (1 - self.alpha) * out[valid] + self.alpha * colorize(label)[valid]
+        return out.round().astype(np.uint8)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._kept or not trainer.is_global_zero:
+            return
+        from PIL import Image
+
+        tag = Path(trainer.ckpt_path).stem if trainer.ckpt_path else "model"
+        names = getattr(trainer.datamodule, "classes", None) or [str(c) for c in range(pl_module.hparams.num_classes)]
+        class_labels = {**dict(enumerate(names)), 255: "ignore"}
+        for target, items in self._kept.items():
+            folder = Path(trainer.default_root_dir) / "overlays" / tag / target
+            folder.mkdir(parents=True, exist_ok=True)
+            for k, (rgb, gt, pred) in enumerate(items):
+                panel = np.concatenate([rgb, self.blend(rgb, gt), self.blend(rgb, pred)], axis=1)
+                Image.fromarray(panel).save(folder / f"{k}.png")
+            for logger in trainer.loggers:
+                if isinstance(logger, L.pytorch.loggers.WandbLogger):
+                    logger.log_image(
+                        key=f"overlays/{tag}/{target}", images=[rgb for rgb, _, _ in items],
+                        masks=[{"prediction": {"mask_data": p, "class_labels": class_labels},
+                                "ground_truth": {"mask_data": g, "class_labels": class_labels}} for _, g, p in items])
+        self._kept = {}

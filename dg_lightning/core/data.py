@@ -201,6 +201,8 @@ class MultiDomainDataModule(L.LightningDataModule):
         num_workers: data loader workers per process.
     """
 
+    #: what the benchmark is scored on (the CLI builds the model's head for it)
+    task = "classification"
     #: image side used when ``image_size`` is not given
     default_image_size: int = 224
     #: how to get the data, quoted in errors about a missing root

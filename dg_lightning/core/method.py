@@ -3,9 +3,20 @@
 A method is a subclass that implements :meth:`DGMethod.training_losses` (DomainBed's ``update``):
 given a batch ``(x, y, domain)`` it returns its loss terms by name, ``"loss"`` being the total that
 is optimised. The base logs every term as ``train/<name>``, and owns validation and test: one
-metric per source domain (``val/<domain>/acc``, their mean ``val/acc`` drives training-domain
-model selection) and one per held-out domain (``test/<domain>/acc``, mean ``test/acc``).
+metric per source domain (``val/<domain>/<metric>``, their mean ``val/<metric>`` drives
+training-domain model selection) and one per held-out domain or target (``test/<domain>/<metric>``).
 :meth:`DGMethod.forward` is DomainBed's ``predict``: logits.
+
+One base serves both tasks (``task``, linked from the data module by the CLI):
+
+* ``classification``: a headless timm backbone, pooled features, a linear (or MLP) classifier;
+  metric ``acc``;
+* ``segmentation``: DeepLabV3+ (segmentation-models-pytorch) on the timm encoder, output stride
+  configurable; logits at the input resolution, scored at the label's (whole-image or
+  sliding-window inference); metric ``miou`` from a confusion matrix, per-class IoU logged too.
+
+A method written against :meth:`encode`, :meth:`head_logits`, :meth:`forward_stages` and
+:meth:`task_loss` (ERM, GCISG) runs on both without a line of task-specific code.
 """
 
 from __future__ import annotations
@@ -15,11 +26,15 @@ from typing import Literal
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from dg_lightning.core.backbones import create_backbone, input_stats
+from dg_lightning.core.backbones import create_backbone, create_segmenter, input_stats
+from dg_lightning.core.metrics import SegmentationIoU
+
+Task = Literal["classification", "segmentation"]
 
 
 class DGMethod(L.LightningModule):
@@ -36,12 +51,16 @@ class DGMethod(L.LightningModule):
         scheduler: LR scheduler factory (default none).
         scheduler_interval: step the scheduler every ``epoch`` or every ``step``.
         accuracy_average: ``micro`` (plain accuracy) or ``macro`` (mean per-class accuracy).
+        task: ``classification`` or ``segmentation`` (the CLI links it from the data module).
+        output_stride: segmentation: encoder output stride (8 or 16; DG benchmarks use 16).
+        decoder_channels: segmentation: DeepLabV3+ decoder width.
+        ignore_index: segmentation: label value that is neither trained on nor scored.
+        inference: segmentation evaluation: ``whole`` image or ``slide`` (windows of
+            ``slide_window`` every ``slide_stride`` pixels, logits averaged where they overlap).
     """
 
-    #: the logged key that training-domain model selection maximises
-    selection_metric = "val/acc"
-    #: the per-domain metric name: `val/<domain>/<metric_name>`
-    metric_name = "acc"
+    #: the tasks a method supports
+    tasks: tuple[str, ...] = ("classification", "segmentation")
     #: state-dict prefixes of frozen networks rebuilt from the config (a CLIP teacher, an ImageNet
     #: guide): left out of checkpoints, and restored from the freshly built module on load
     frozen_prefixes: tuple[str, ...] = ()
@@ -58,20 +77,35 @@ class DGMethod(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         accuracy_average: Literal["micro", "macro"] = "micro",
+        task: Task = "classification",
+        output_stride: int = 16,
+        decoder_channels: int = 256,
+        ignore_index: int = 255,
+        inference: Literal["whole", "slide"] = "whole",
+        slide_window: int = 512,
+        slide_stride: int = 341,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        if task not in self.tasks:
+            raise ValueError(f"{type(self).__name__} supports {' and '.join(self.tasks)}, not {task}")
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.backbone = create_backbone(backbone, pretrained)
-        mean, std = input_stats(self.backbone)
+        self.dropout = nn.Dropout(dropout)
+        if task == "segmentation":
+            self.backbone, self.decoder, self.seg_head = create_segmenter(
+                backbone, pretrained, num_classes, output_stride, decoder_channels)
+            mean, std = input_stats(self.backbone.model)
+            self.classifier = None
+        else:
+            self.backbone = create_backbone(backbone, pretrained)
+            mean, std = input_stats(self.backbone)
+            width = self.backbone.num_features
+            self.classifier = (
+                nn.Linear(width, num_classes) if not head_hidden
+                else nn.Sequential(nn.Linear(width, head_hidden), nn.ReLU(), nn.Linear(head_hidden, num_classes))
+            )
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
-        self.dropout = nn.Dropout(dropout)
-        width = self.backbone.num_features
-        self.classifier = (
-            nn.Linear(width, num_classes) if not head_hidden
-            else nn.Sequential(nn.Linear(width, head_hidden), nn.ReLU(), nn.Linear(head_hidden, num_classes))
-        )
         self.val_domains: list[str] = []
         self.test_domains: list[str] = []
 
@@ -80,23 +114,75 @@ class DGMethod(L.LightningModule):
         """[0, 1] images to the backbone's input statistics."""
         return (x - self.pixel_mean) / self.pixel_std
 
+    @property
+    def segmentation(self) -> bool:
+        return self.hparams.task == "segmentation"
+
+    @property
+    def metric_name(self) -> str:
+        """The per-domain metric: ``val/<domain>/<metric_name>``."""
+        return "miou" if self.segmentation else "acc"
+
+    @property
+    def selection_metric(self) -> str:
+        """The logged key that training-domain model selection maximises."""
+        return f"val/{self.metric_name}"
+
+    def encode(self, x: torch.Tensor, backbone: nn.Module | None = None):
+        """The encoder's output: pooled features (classification) or the list of stage feature maps,
+        input first (segmentation: what the decoder takes)."""
+        return (self.backbone if backbone is None else backbone)(self.normalize(x))
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.normalize(x))
+        """Pooled features (classification)."""
+        return self.encode(x)
+
+    def head_logits(self, z) -> torch.Tensor:
+        """Logits from :meth:`encode`'s output: class logits (N, K), or per-pixel logits (N, K, H, W) at
+        the input resolution."""
+        if self.segmentation:
+            return self.seg_head(self.decoder(z))
+        return self.classifier(self.dropout(z))
+
+    def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy, per pixel with ``ignore_index`` skipped for segmentation."""
+        if self.segmentation:
+            return F.cross_entropy(logits, y, ignore_index=self.hparams.ignore_index)
+        return F.cross_entropy(logits, y)
 
     def forward_stages(self, x: torch.Tensor, stages: list[int], backbone: nn.Module | None = None):
-        """(pooled features, [feature map of each stage]) in one pass. ``stages`` index timm's
-        ``feature_info`` (ResNets: 3 = layer3, 4 = layer4; EfficientNets: the two deepest levels)."""
+        """(encoder output for :meth:`head_logits`, [feature map of each stage]) in one pass.
+        ``stages`` index timm's ``feature_info`` (ResNets: 3 = layer3, 4 = layer4; EfficientNets:
+        the two deepest levels), for both tasks."""
         net = self.backbone if backbone is None else backbone
+        if self.segmentation:
+            maps = net(self.normalize(x))  # [input, level 0, ..., level 4]
+            return maps, [maps[i + 1] for i in stages]
         final, maps = net.forward_intermediates(self.normalize(x), indices=list(stages), intermediates_only=False)
         return net.forward_head(final, pre_logits=True), maps
 
     def stage_channels(self, stages: list[int]) -> list[int]:
+        if self.segmentation:
+            return [self.backbone.out_channels[i + 1] for i in stages]
         info = self.backbone.feature_info
         return [info[i]["num_chs"] for i in stages]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits (DomainBed's ``predict``)."""
-        return self.classifier(self.dropout(self.features(x)))
+        """Logits (DomainBed's ``predict``)."""
+        return self.head_logits(self.encode(x))
+
+    @torch.no_grad()
+    def predict_full(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Segmentation logits at the label resolution ``size``: the whole image (padded to a multiple
+        of 32), or sliding windows; bilinear resize where the image was scaled."""
+        if self.hparams.inference == "slide":
+            logits = slide_inference(self, x, self.hparams.slide_window, self.hparams.slide_stride,
+                                     self.hparams.num_classes)
+        else:
+            logits = padded_forward(self, x)
+        if tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits
 
     def training_losses(self, x: torch.Tensor, y: torch.Tensor, domain: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms by name; ``"loss"`` is the total. Every method implements this."""
@@ -123,15 +209,24 @@ class DGMethod(L.LightningModule):
         return self
 
     # -- metrics ---------------------------------------------------------------------------------
-    def make_metric(self) -> nn.Module:
+    def make_metric(self, domain: str | None = None, stage: str = "val") -> nn.Module:
+        """The metric of one evaluation domain: accuracy, or mIoU over the classes ``domain`` labels."""
+        if self.segmentation:
+            dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            classes = dm.eval_classes(domain, stage) if dm is not None and hasattr(dm, "eval_classes") else None
+            return SegmentationIoU(self.hparams.num_classes, self.hparams.ignore_index, classes)
         return MulticlassAccuracy(num_classes=self.hparams.num_classes, average=self.hparams.accuracy_average)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
+        dm_task = getattr(dm, "task", "classification") if dm is not None else self.hparams.task
+        if dm_task != self.hparams.task:
+            raise ValueError(f"{type(dm).__name__} is a {dm_task} benchmark but the model was built for "
+                             f"{self.hparams.task}: set the model's task to {dm_task} (the CLI links it)")
         self.val_domains = list(getattr(dm, "val_domains", ["val"]))
         self.test_domains = list(getattr(dm, "test_domains", ["test"]))
-        self.val_metrics = nn.ModuleList([self.make_metric() for _ in self.val_domains])
-        self.test_metrics = nn.ModuleList([self.make_metric() for _ in self.test_domains])
+        self.val_metrics = nn.ModuleList([self.make_metric(d, "val") for d in self.val_domains])
+        self.test_metrics = nn.ModuleList([self.make_metric(d, "test") for d in self.test_domains])
         if dm is not None:
             self.bind_data(dm)
         if self.trainer.world_size > 1 and self.device.type == "cpu":
@@ -148,14 +243,24 @@ class DGMethod(L.LightningModule):
             self.log(f"train/{k}", v.detach(), prog_bar=k == "loss", on_step=True, on_epoch=True, batch_size=len(y))
         return losses["loss"]
 
-    def _eval_step(self, metrics: nn.ModuleList, batch, dataloader_idx: int) -> None:
+    def _eval_step(self, metrics: nn.ModuleList, batch, dataloader_idx: int):
         x, y, *_ = batch
+        if self.segmentation:  # scored at the label's resolution; the prediction goes to callbacks (overlays)
+            pred = self.predict_full(x, tuple(y.shape[-2:])).argmax(dim=1)
+            metrics[dataloader_idx].update(pred, y)
+            return pred
         metrics[dataloader_idx].update(self(x), y)
+        return None
 
     def _eval_epoch_end(self, prefix: str, metrics: nn.ModuleList, domains: list[str], suffix: str = "") -> None:
         values = []
         for name, metric in zip(domains, metrics):
             value = metric.compute()
+            if isinstance(metric, SegmentationIoU):  # per-class IoU of the classes this domain labels
+                iou = metric.iou()
+                names = getattr(getattr(self._trainer, "datamodule", None), "classes", None)
+                for c in metric.classes:
+                    self.log(f"{prefix}/{name}/iou/{names[c] if names else c}", iou[c], sync_dist=True)
             metric.reset()
             values.append(value)
             self.log(f"{prefix}/{name}/{self.metric_name}{suffix}", value, sync_dist=True)
@@ -164,13 +269,13 @@ class DGMethod(L.LightningModule):
                      sync_dist=True)
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        self._eval_step(self.val_metrics, batch, dataloader_idx)
+        return self._eval_step(self.val_metrics, batch, dataloader_idx)
 
     def on_validation_epoch_end(self):
         self._eval_epoch_end("val", self.val_metrics, self.val_domains)
 
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        self._eval_step(self.test_metrics, batch, dataloader_idx)
+        return self._eval_step(self.test_metrics, batch, dataloader_idx)
 
     def on_test_epoch_end(self):
         self._eval_epoch_end("test", self.test_metrics, self.test_domains)
@@ -201,3 +306,33 @@ class DGMethod(L.LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}}
+
+
+def padded_forward(model: nn.Module, x: torch.Tensor, multiple: int = 32) -> torch.Tensor:
+    """``model(x)`` on ``x`` zero-padded (right, bottom) to a multiple of ``multiple``, cropped back."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph))
+    return model(x)[..., :h, :w]
+
+
+def slide_inference(model: nn.Module, x: torch.Tensor, window: int, stride: int, num_classes: int) -> torch.Tensor:
+    """Logits of ``x`` (N, 3, H, W) from overlapping ``window`` crops every ``stride`` pixels (the
+    last crop in each direction is flush with the border), averaged where crops overlap."""
+    n, _, h, w = x.shape
+    out = x.new_zeros((n, num_classes, h, w))
+    count = x.new_zeros((1, 1, h, w))
+
+    def starts(size: int) -> list[int]:
+        if size <= window:
+            return [0]
+        s = list(range(0, size - window, stride))
+        return [*s, size - window]
+
+    for top in starts(h):
+        for left in starts(w):
+            crop = x[..., top:top + window, left:left + window]
+            out[..., top:top + crop.shape[-2], left:left + crop.shape[-1]] += padded_forward(model, crop)
+            count[..., top:top + crop.shape[-2], left:left + crop.shape[-1]] += 1
+    return out / count

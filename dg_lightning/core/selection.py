@@ -4,7 +4,8 @@ Two selections are always reported, each named (DomainBed, Gulrajani & Lopez-Paz
 
 * ``training-domain validation``: the checkpoint with the best mean source-domain validation
   accuracy (the "out" splits), the default and the only one that never looks at the target;
-* ``oracle``: test-domain validation, DomainBed-style: the last checkpoint, reported separately.
+* ``oracle``: test-domain validation, DomainBed-style: the last checkpoint, reported separately
+  (segmentation DG reports the last checkpoint: this row).
 
 Each selection's checkpoint is tested on the held-out domains (``test``) and reports its accuracy on the
 source domains' "out" splits (``in_domain``: DomainBed's in-domain accuracy, and the in-domain
@@ -15,6 +16,7 @@ it was written (:class:`~dg_lightning.core.callbacks.BestCheckpoint`), for the l
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -61,21 +63,28 @@ def evaluate_selections(trainer: L.Trainer, model: L.LightningModule, datamodule
     if not last_path:
         raise RuntimeError("no last checkpoint was saved during fit: the oracle selection needs one")
     paths = {"training-domain validation": ckpt.best_model_path, "oracle": last_path}
+    # the best checkpoint is the last one when the final epoch scored best: the same weights, tested once
+    last_epoch = trainer.current_epoch - 1
+    same = _epoch_of(paths["training-domain validation"]) == last_epoch and bool(getattr(ckpt, "best_val_metrics", None))
+    test = val = {}
     for name in SELECTIONS:
         t0 = time.time()
-        trainer.test(model, datamodule=datamodule, ckpt_path=paths[name], verbose=False)
-        test = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        if not (name == "oracle" and same):
+            trainer.test(model, datamodule=datamodule, ckpt_path=paths[name], verbose=False)
+            test = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         test_seconds = round(time.time() - t0, 2)
         # in-domain: the same checkpoint on the source domains' held-out ("out") splits; the best
         # checkpoint's were logged when it was written, the last one is validated again
-        val = getattr(ckpt, "best_val_metrics", None) if name == "training-domain validation" else None
-        if not val:
+        if name == "training-domain validation":
+            val = getattr(ckpt, "best_val_metrics", None)
+        if not val or (name == "oracle" and not same):
             trainer.validate(model, datamodule=datamodule, ckpt_path=paths[name], verbose=False)
             val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         metric = model.metric_name
         entry = {
             "checkpoint": paths[name],
-            "epoch": _epoch_of(paths[name]) if name != "oracle" else trainer.current_epoch - 1,
+            "epoch": _epoch_of(paths[name]) if name != "oracle" else last_epoch,
+            "same_checkpoint_as_best": name == "oracle" and same,
             "val": float(ckpt.best_model_score) if name != "oracle" and ckpt.best_model_score is not None else None,
             "test": {d: test.get(f"test/{d}/{metric}") for d in datamodule.test_domains},
             "test_mean": test.get(f"test/{metric}"),
@@ -93,15 +102,31 @@ def evaluate_selections(trainer: L.Trainer, model: L.LightningModule, datamodule
                        "in_domain": {d: val.get(f"val/{d}/{metric}_{part}") for d in datamodule.val_domains}}
                 for part in parts
             }
+        # segmentation: the IoU of every class each target labels (None: neither labelled nor predicted)
+        per_class = {d: {k.rsplit("/", 1)[1]: v for k, v in test.items() if k.startswith(f"test/{d}/iou/")}
+                     for d in datamodule.test_domains}
+        if any(per_class.values()):
+            entry["per_class_iou"] = per_class
         record["selections"][name] = entry
     if trainer.is_global_zero:
-        (run_dir / "results.json").write_text(json.dumps(record, indent=2))
+        (run_dir / "results.json").write_text(json.dumps(_finite(record), indent=2))
         for logger in trainer.loggers:
             if isinstance(logger, L.pytorch.loggers.WandbLogger):
                 logger.experiment.summary.update({
                     f"{sel}/test/{d}": acc for sel, r in record["selections"].items() for d, acc in r["test"].items()
                 })
     return record
+
+
+def _finite(obj):
+    """NaN (a metric with nothing to score) as ``null``: results.json stays valid JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _seed() -> int | None:

@@ -1,4 +1,15 @@
 from dg_lightning.data.folder import PACS, ImageFolderDomains
+from dg_lightning.data.segmentation import (
+    ACDC,
+    BDD100K,
+    GTA5,
+    CamVid,
+    Cityscapes,
+    DarkZurich,
+    MapillaryVistas,
+    SegmentationDG,
+)
 from dg_lightning.data.synthetic import SyntheticShapes
 
-__all__ = ["PACS", "ImageFolderDomains", "SyntheticShapes"]
+__all__ = ["ACDC", "BDD100K", "GTA5", "PACS", "CamVid", "Cityscapes", "DarkZurich", "ImageFolderDomains",
+           "MapillaryVistas", "SegmentationDG", "SyntheticShapes"]

@@ -14,6 +14,11 @@ As in the official code: the teacher is an EMA of the student's backbone only
 heads; the guide is the pretrained backbone, frozen with BatchNorm in eval mode; the classifier is
 Linear(C,512)-ReLU-Linear(512,K); the queue (65,536 per stage) starts as unit-norm Gaussian
 vectors and receives the teacher embeddings after each L_CI, gathered across DDP ranks.
+
+Segmentation (``task: segmentation``): the same losses on the DeepLabV3+ encoder's stages, CE per
+pixel (ignore 255) on the logits of ``x2``; the guide and the teacher are copies of the encoder.
+The style randomisation then draws photometric RandAugment operations only (no shear, translate
+or rotate), so that both views stay aligned with the label map.
 """
 
 from __future__ import annotations
@@ -83,12 +88,21 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         p_t.mul_(momentum).add_(p_s.detach(), alpha=1.0 - momentum)
 
 
-class StyleViews(nn.Module):
-    """Independent RandAugment(n, m) of every image of a [0, 1] batch (the official style randomisation)."""
+class PhotometricRandAugment(v2.RandAugment):
+    """RandAugment without its geometric operations: pixels keep their place (segmentation)."""
 
-    def __init__(self, num_ops: int = 1, magnitude: int = 6):
+    _AUGMENTATION_SPACE = {k: v for k, v in v2.RandAugment._AUGMENTATION_SPACE.items()
+                           if k not in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")}
+
+
+class StyleViews(nn.Module):
+    """Independent RandAugment(n, m) of every image of a [0, 1] batch (the official style
+    randomisation); ``photometric=True`` leaves out the geometric operations."""
+
+    def __init__(self, num_ops: int = 1, magnitude: int = 6, photometric: bool = False):
         super().__init__()
-        self.augment = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
+        augment = PhotometricRandAugment if photometric else v2.RandAugment
+        self.augment = augment(num_ops=num_ops, magnitude=magnitude)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,7 +151,7 @@ class GCISG(DGMethod):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.stages = list(stages)
         channels = self.stage_channels(self.stages)
-        self.views = StyleViews(randaugment_ops, randaugment_magnitude)
+        self.views = StyleViews(randaugment_ops, randaugment_magnitude, photometric=self.segmentation)
         self.proj = nn.ModuleList([projection_head(c, emb_dim) for c in channels])
         self.queues = nn.ModuleList([EmbeddingQueue(emb_dim, queue_size) for _ in channels])
         # frozen networks: the guide (pretrained backbone) and the EMA teacher with its heads
@@ -168,11 +182,11 @@ class GCISG(DGMethod):
 
     def training_losses(self, x, y, domain):
         x1, x2 = self.views(x), self.views(x)
-        pooled2, s2 = self.forward_stages(x2, self.stages)
+        z2, s2 = self.forward_stages(x2, self.stages)
         with torch.no_grad():
             _, t2 = self.forward_stages(x2, self.stages, self.teacher)
             _, g2 = self.forward_stages(x2, self.stages, self.guide)
-        ce = F.cross_entropy(self.classifier(self.dropout(pooled2)), y)
+        ce = self.task_loss(self.head_logits(z2), y)
         lg = sum(guidance_loss(s, g) for s, g in zip(s2, g2, strict=True))
         terms = {"ce": ce, "guidance": lg}
         if self.hparams.symmetric:

@@ -76,6 +76,8 @@ class RISE(DGMethod):
     The frozen CLIP teacher is rebuilt from ``clip_model``/``clip_pretrained`` and kept out of checkpoints.
     """
 
+    tasks = ("classification",)
+
     frozen_prefixes = ("teacher.",)
 
     def __init__(

@@ -262,6 +262,8 @@ class SSLMethod(DGMethod):
         (everything else: :class:`DGMethod`; ``head_hidden`` and ``dropout`` are unused)
     """
 
+    tasks = ("classification",)
+
     probe_part = "full"
 
     def __init__(self, probe_weight_decay: float = 1e-4, probe_max_iter: int = 100,
@@ -365,7 +367,7 @@ class SSLMethod(DGMethod):
                                          ("test", self.test_domains, self.test_metrics)):
             for part in self.probes:
                 self.part_metrics[f"{prefix}_{part}"] = primary if part == self.probe_part else \
-                    nn.ModuleList([self.make_metric() for _ in domains])
+                    nn.ModuleList([self.make_metric(d, prefix) for d in domains])
 
     def _probe_step(self, prefix: str, batch, dataloader_idx: int) -> None:
         x, y, *_ = batch
