@@ -130,7 +130,7 @@ def test_paired_augmentation_moves_labels_with_pixels():
     is ignore (255) in the label."""
     rng = np.random.RandomState(0)
     label = np.kron(rng.randint(0, 19, (5, 6)), np.ones((8, 8), dtype=int)).astype(np.uint8)  # 40 x 48 blocks
-    image = np.repeat((label * 10)[..., None], 3, axis=2)
+    image = np.repeat((label * 10 + 20)[..., None], 3, axis=2)  # no label encodes black (the padding)
     aug = train_augmentation(crop_size=64, scale_range=(0.5, 2.0), color_jitter=0.0, blur_prob=0.0)
     for seed in range(20):
         aug.set_random_seed(seed)
@@ -146,7 +146,7 @@ def test_paired_augmentation_moves_labels_with_pixels():
             for dx in range(-2, 3):
                 core &= np.roll(np.roll(lbl, dy, 0), dx, 1) == lbl
         assert core.any()
-        assert np.abs(img[..., 0][core].astype(int) - lbl[core].astype(int) * 10).max() <= 2
+        assert np.abs(img[..., 0][core].astype(int) - (lbl[core].astype(int) * 10 + 20)).max() <= 2
         assert (img[~valid] == 0).all()  # the padded area: black image, ignore label
 
 
