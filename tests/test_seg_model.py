@@ -213,3 +213,7 @@ data:
     pngs = sorted((run / "overlays").rglob("*.png"))
     assert {p.parent.name for p in pngs} == {"cityscapes", "camvid"}
     assert Image.open(next(p for p in pngs if p.parent.name == "camvid")).size == (3 * 96, 64)  # image | truth | prediction
+    # leave-one-domain-out does not apply to a source -> targets benchmark: it says what to run instead
+    proc = subprocess.run(cli_cmd("lodo", "--config", str(cfg), "--out", str(tmp_path / "lodo")), env=subprocess_env(),
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode != 0 and "use `dg-lightning fit --config" in proc.stderr
