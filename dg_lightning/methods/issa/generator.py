@@ -1,0 +1,257 @@
+"""A compact StyleGAN2 (Karras et al. 2020) with explicit per-layer noise inputs and w+, for ISSA.
+
+No maintained package fits: ISSA needs rectangular images (2:1 driving scenes), w+ input and every
+noise map as an argument; ``stylegan2-torch`` is square-only and compiles CUDA ops at import. So
+this module writes the architecture out, following the paper (config F):
+
+* mapping network: pixel-norm, ``n_mlp`` equalised-lr linear layers (lr multiplier 0.01), z -> w;
+* synthesis: a learned constant at the base resolution (4 x 8 for 2:1 images), then per resolution
+  an upsampling and a plain *modulated convolution* (style scales the input channels, weights are
+  demodulated), each followed by *noise injection* (a per-layer learned scale times a (1, H, W)
+  noise map) and bias + leaky ReLU (gain sqrt 2); ToRGB (1 x 1 modulated, not demodulated) at every
+  resolution with skip connections summed after upsampling;
+* discriminator: residual blocks with equalised lr, minibatch standard deviation, linear head; it
+  also returns every block's features (the ISSA encoder's feature-matching loss).
+
+Simplifications, all documented here: upsampling is bilinear interpolation (the paper uses a
+transposed convolution with a [1, 3, 3, 1] FIR filter; the official code's blur only anti-aliases),
+downsampling in the discriminator is average pooling, and there is no path-length regulariser.
+
+w+ has ``num_ws = 2 * num_resolutions`` vectors, used in rosinality's order: the base layer takes
+w[0] and its ToRGB w[1]; resolution k >= 1 takes w[2k - 1] (up conv), w[2k] (conv), w[2k + 1] (ToRGB).
+Noise maps: one per styled layer (``noise_shapes``), index 0 = the base layer ("input noise").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SQRT2 = math.sqrt(2.0)
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalised learning rate (weights scaled at run time by 1/sqrt(fan_in))."""
+
+    def __init__(self, in_dim: int, out_dim: int, bias_init: float = 0.0, lr_mul: float = 1.0,
+                 activation: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_dim, in_dim) / lr_mul)
+        self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init)))
+        self.scale, self.lr_mul, self.activation = lr_mul / math.sqrt(in_dim), lr_mul, activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
+        return F.leaky_relu(out, 0.2) * SQRT2 if self.activation else out
+
+
+class EqualConv2d(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, bias: bool = True, activation: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_ch, in_ch, kernel, kernel))
+        self.bias = nn.Parameter(torch.zeros(out_ch)) if bias else None
+        self.scale, self.pad, self.activation = 1 / math.sqrt(in_ch * kernel * kernel), kernel // 2, activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.conv2d(x, self.weight * self.scale, self.bias, padding=self.pad)
+        return F.leaky_relu(out, 0.2) * SQRT2 if self.activation else out
+
+
+class MappingNetwork(nn.Module):
+    """z -> w: pixel norm, then ``n_mlp`` equalised linear layers with leaky ReLU (lr x 0.01)."""
+
+    def __init__(self, w_dim: int, n_mlp: int = 8, lr_mul: float = 0.01):
+        super().__init__()
+        self.net = nn.Sequential(*[EqualLinear(w_dim, w_dim, lr_mul=lr_mul, activation=True) for _ in range(n_mlp)])
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = z * torch.rsqrt(z.pow(2).mean(dim=1, keepdim=True) + 1e-8)
+        return self.net(z)
+
+
+class ModulatedConv2d(nn.Module):
+    """Weights scaled per input channel by the style ``s = A(w)``, then (optionally) demodulated:
+    ``w'_ijk = s_i w_ijk``, ``w''_ijk = w'_ijk / sqrt(sum_ik w'_ijk^2 + eps)``; a grouped convolution
+    applies each sample's weights to its own features."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, w_dim: int, demodulate: bool = True,
+                 upsample: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, out_ch, in_ch, kernel, kernel))
+        self.affine = EqualLinear(w_dim, in_ch, bias_init=1.0)
+        self.scale = 1 / math.sqrt(in_ch * kernel * kernel)
+        self.demodulate, self.upsample, self.pad = demodulate, upsample, kernel // 2
+        self.in_ch, self.out_ch = in_ch, out_ch
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        n, c, h, wd = x.shape
+        style = self.affine(w).view(n, 1, c, 1, 1)
+        weight = self.scale * self.weight * style  # (N, out, in, k, k)
+        if self.demodulate:
+            weight = weight * torch.rsqrt(weight.pow(2).sum(dim=(2, 3, 4), keepdim=True) + 1e-8)
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            h, wd = 2 * h, 2 * wd
+        out = F.conv2d(x.reshape(1, n * c, h, wd), weight.reshape(n * self.out_ch, c, *weight.shape[-2:]),
+                       padding=self.pad, groups=n)
+        return out.view(n, self.out_ch, h, wd)
+
+
+class NoiseInjection(nn.Module):
+    """``x + strength * noise``, one learned strength per layer, the noise map (N, 1, H, W) given."""
+
+    def __init__(self):
+        super().__init__()
+        self.strength = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return x + self.strength * noise
+
+
+class StyledLayer(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, w_dim: int, upsample: bool = False):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_ch, out_ch, 3, w_dim, upsample=upsample)
+        self.noise = NoiseInjection()
+        self.bias = nn.Parameter(torch.zeros(1, out_ch, 1, 1))
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(self.noise(self.conv(x, w), noise) + self.bias, 0.2) * SQRT2
+
+
+class ToRGB(nn.Module):
+    def __init__(self, in_ch: int, w_dim: int):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_ch, 3, 1, w_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        rgb = self.conv(x, w) + self.bias
+        if skip is not None:
+            rgb = rgb + F.interpolate(skip, scale_factor=2, mode="bilinear", align_corners=False)
+        return rgb
+
+
+def channel_plan(num_res: int, channel_base: int, channel_max: int) -> list[int]:
+    """Feature channels per resolution, halving from ``channel_max`` as the resolution doubles."""
+    return [min(channel_max, max(8, channel_base >> k)) for k in range(num_res)]
+
+
+class Generator(nn.Module):
+    """StyleGAN2 synthesis for ``size = (H, W)`` images (H, W powers of two, H <= W) in [-1, 1].
+
+    Args:
+        size: output (height, width); the base is (4, 4 * W / H).
+        w_dim: latent size (z and w); n_mlp: mapping depth.
+        channel_base / channel_max: feature widths (tiny CPU config: 256 / 128; paper: 16384 / 512).
+    """
+
+    def __init__(self, size: tuple[int, int] = (64, 128), w_dim: int = 512, n_mlp: int = 8,
+                 channel_base: int = 16384, channel_max: int = 512):
+        super().__init__()
+        h, w = size
+        if h & (h - 1) or w & (w - 1) or h < 4 or w < h:
+            raise ValueError(f"size {size}: height and width must be powers of two with 4 <= height <= width")
+        self.size, self.w_dim = (h, w), w_dim
+        self.base = (4, 4 * w // h)
+        self.num_res = int(math.log2(h)) - 1  # 4, 8, ..., h
+        ch = channel_plan(self.num_res, channel_base, channel_max)
+        self.mapping = MappingNetwork(w_dim, n_mlp)
+        self.const = nn.Parameter(torch.randn(1, ch[0], *self.base))
+        self.layers = nn.ModuleList([StyledLayer(ch[0], ch[0], w_dim)])
+        self.to_rgbs = nn.ModuleList([ToRGB(ch[0], w_dim)])
+        for k in range(1, self.num_res):
+            self.layers.append(StyledLayer(ch[k - 1], ch[k], w_dim, upsample=True))
+            self.layers.append(StyledLayer(ch[k], ch[k], w_dim))
+            self.to_rgbs.append(ToRGB(ch[k], w_dim))
+        self.num_ws = 2 * self.num_res
+        self.register_buffer("w_avg", torch.zeros(w_dim))
+
+    def noise_shapes(self) -> list[tuple[int, int]]:
+        """(H, W) of each styled layer's noise map, in layer order (index 0: the base layer)."""
+        shapes = [self.base]
+        for k in range(1, self.num_res):
+            hw = (self.base[0] << k, self.base[1] << k)
+            shapes += [hw, hw]
+        return shapes
+
+    def random_noise(self, n: int, device=None) -> list[torch.Tensor]:
+        return [torch.randn(n, 1, *hw, device=device) for hw in self.noise_shapes()]
+
+    def layers_at(self, height: int) -> list[int]:
+        """Indices of the noise maps at resolution ``height``."""
+        return [i for i, hw in enumerate(self.noise_shapes()) if hw[0] == height]
+
+    def z_to_w_plus(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, w_dim) z -> (N, num_ws, w_dim) w+ with the same w at every layer."""
+        return self.mapping(z).unsqueeze(1).expand(-1, self.num_ws, -1)
+
+    def synthesis(self, w_plus: torch.Tensor, noise: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Images from w+ (N, num_ws, w_dim) and noise maps (``None`` entries: fresh N(0, 1))."""
+        n = w_plus.shape[0]
+        if w_plus.shape[1:] != (self.num_ws, self.w_dim):
+            raise ValueError(f"w+ must be (N, {self.num_ws}, {self.w_dim}), got {tuple(w_plus.shape)}")
+        shapes = self.noise_shapes()
+        noise = list(noise) if noise is not None else [None] * len(shapes)
+        if len(noise) != len(shapes):
+            raise ValueError(f"expected {len(shapes)} noise maps ({shapes}), got {len(noise)}")
+        noise = [torch.randn(n, 1, *hw, device=w_plus.device) if m is None else m for m, hw in zip(noise, shapes)]
+        x = self.layers[0](self.const.expand(n, -1, -1, -1), w_plus[:, 0], noise[0])
+        rgb = self.to_rgbs[0](x, w_plus[:, 1], None)
+        for k in range(1, self.num_res):
+            x = self.layers[2 * k - 1](x, w_plus[:, 2 * k - 1], noise[2 * k - 1])
+            x = self.layers[2 * k](x, w_plus[:, 2 * k], noise[2 * k])
+            rgb = self.to_rgbs[k](x, w_plus[:, 2 * k + 1], rgb)
+        return rgb
+
+    def forward(self, z: torch.Tensor, noise: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+        return self.synthesis(self.z_to_w_plus(z), noise)
+
+
+class DiscriminatorBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv1 = EqualConv2d(in_ch, in_ch, 3)
+        self.conv2 = EqualConv2d(in_ch, out_ch, 3)
+        self.skip = EqualConv2d(in_ch, out_ch, 1, bias=False, activation=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.avg_pool2d(self.conv2(self.conv1(x)), 2)
+        return (out + F.avg_pool2d(self.skip(x), 2)) / SQRT2
+
+
+class Discriminator(nn.Module):
+    """Residual StyleGAN2 discriminator; ``forward(x, features=True)`` also returns each block's output."""
+
+    def __init__(self, size: tuple[int, int] = (64, 128), channel_base: int = 16384, channel_max: int = 512,
+                 mbstd_group: int = 4):
+        super().__init__()
+        h, w = size
+        num_res = int(math.log2(h)) - 1
+        ch = channel_plan(num_res, channel_base, channel_max)[::-1]  # widest at the lowest resolution
+        self.from_rgb = EqualConv2d(3, ch[0], 1)
+        self.blocks = nn.ModuleList([DiscriminatorBlock(ch[k], ch[k + 1]) for k in range(num_res - 1)])
+        self.mbstd_group = mbstd_group
+        self.final_conv = EqualConv2d(ch[-1] + 1, ch[-1], 3)
+        self.head = nn.Sequential(EqualLinear(ch[-1] * 4 * (4 * w // h), ch[-1], activation=True), EqualLinear(ch[-1], 1))
+
+    def minibatch_std(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = min(self.mbstd_group, n)
+        while n % g:
+            g -= 1
+        std = x.view(g, -1, c, h, w).var(dim=0, unbiased=False).add(1e-8).sqrt().mean(dim=(1, 2, 3))
+        return torch.cat([x, std.view(-1, 1, 1, 1).repeat(g, 1, h, w)], dim=1)
+
+    def forward(self, x: torch.Tensor, features: bool = False):
+        feats = []
+        out = self.from_rgb(x)
+        for block in self.blocks:
+            out = block(out)
+            feats.append(out)
+        out = self.final_conv(self.minibatch_std(out))
+        logit = self.head(out.flatten(1)).squeeze(1)
+        return (logit, feats) if features else logit
