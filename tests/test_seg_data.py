@@ -217,7 +217,7 @@ def test_official_cityscapes_sample_is_read_unchanged():
     ids, train_ids = Cityscapes(str(root), split="train"), Cityscapes(str(root), split="train", label_type="labelTrainIds")
     assert len(ids) == 8 and {p[0].parent.name for p in ids.pairs} == {"aachen", "bochum"}
     raw_all, official_all = [], []
-    for (img_path, lbl_path), (_, official) in zip(ids.pairs, (train_ids[i] for i in range(8))):
+    for (_, lbl_path), (_, official) in zip(ids.pairs, (train_ids[i] for i in range(8))):
         raw_all.append(np.asarray(Image.open(lbl_path)).ravel())
         official_all.append(official.ravel())
     raw, official = np.concatenate(raw_all), np.concatenate(official_all)

@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from dg_lightning.core.metrics import SegmentationIoU
 from dg_lightning.core.method import padded_forward, slide_inference
+from dg_lightning.core.metrics import SegmentationIoU
 from dg_lightning.methods import ERM, GCISG, RISE
 from dg_lightning.methods.gcisg import PhotometricRandAugment
 from tests.conftest import ROOT, cli_cmd, subprocess_env
