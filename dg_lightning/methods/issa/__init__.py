@@ -1,12 +1,18 @@
-"""ISSA (Li et al., WACV 2023): intra-source style augmentation by GAN inversion, in three stages.
+"""ISSA (Li et al., WACV 2023): intra-source style augmentation by GAN inversion, in three stages,
+each saving the checkpoint the next one loads.
 
 1. ``gan.StyleGAN2``: a StyleGAN2 generator (``generator.Generator``: explicit w+ and noise maps)
-   trained on the source images.
-2. The masked noise encoder (generator frozen).  *(not yet written)*
-3. Style mixing ``G(w_B, noise_A)`` in segmentation training.  *(not yet written)*
+   trained on the source images (``gan.SourceImages``).
+2. ``inversion.NoiseEncoderTraining``: the masked noise encoder (``encoder.MaskedNoiseEncoder``)
+   trained against the frozen generator.
+3. ``mixing.ISSAStyleMixing``: a callback that style-mixes segmentation training batches,
+   ``G(w_B, noise_A)``, for any segmentation method.
 """
 
 from dg_lightning.methods.issa.gan import SourceImages, StyleGAN2
 from dg_lightning.methods.issa.generator import Discriminator, Generator
+from dg_lightning.methods.issa.inversion import NoiseEncoderTraining, load_inverter
+from dg_lightning.methods.issa.mixing import ISSAStyleMixing, style_mix
 
-__all__ = ["Discriminator", "Generator", "SourceImages", "StyleGAN2"]
+__all__ = ["Discriminator", "Generator", "ISSAStyleMixing", "NoiseEncoderTraining", "SourceImages", "StyleGAN2",
+           "load_inverter", "style_mix"]
