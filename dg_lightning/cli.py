@@ -4,6 +4,7 @@
     dg-lightning fit --config ... --ckpt_path last          # resume a killed run
     dg-lightning lodo --config experiments/pacs/erm.yaml --seeds 0 1 2
     dg-lightning download pacs --root ~/data/pacs
+    dg-lightning issa fit --config experiments/issa/cityscapes_tiny_gan.yaml   # ISSA stages 1 and 2
 
 Every ``fit`` writes into its run directory (``trainer.default_root_dir``; by default
 ``runs/<method>-<data>-<held-out>-seed<seed>``): ``config.yaml`` (the resolved config),
@@ -49,7 +50,14 @@ def default_run_dir(cfg) -> str:
     return str(Path("runs") / f"{method}-{data}-{held}-seed{cfg.seed_everything}")
 
 
-class DGCLI(LightningCLI):
+class RunCLI(LightningCLI):
+    """What every run of the project shares: a run directory (``config.yaml``, ``checkpoints/last.ckpt``,
+    CSV and W&B logs), seed 0 by default, per-step reseeding. Its model is any LightningModule
+    (the ISSA GAN and encoder stages: ``dg-lightning issa fit ...``); :class:`DGCLI` adds the DG
+    methods' links, model selection and ``results.json``."""
+
+    model_base: type = L.LightningModule
+
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
@@ -60,16 +68,10 @@ class DGCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"description": HELP})
         defaults = {"use_distributed_sampler": False, "max_epochs": 10}
         defaults.update(kwargs.pop("trainer_defaults", {}) or {})
-        super().__init__(DGMethod, L.LightningDataModule, *args, trainer_defaults=defaults, **kwargs)
+        super().__init__(self.model_base, L.LightningDataModule, *args, trainer_defaults=defaults, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        # classification or segmentation: the benchmark decides, the method builds its head for it
-        parser.link_arguments("data.task", "model.init_args.task", apply_on="instantiate")
         parser.add_class_arguments(WandbOptions, "wandb")
-        parser.add_argument("--evaluate_after_fit", type=bool, default=True,
-                            help="after fit, test the held-out domains with each model selection and "
-                                 "write results.json")
 
     def _cfg(self):
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -79,20 +81,45 @@ class DGCLI(LightningCLI):
         if not cfg.trainer.default_root_dir:
             cfg.trainer.default_root_dir = default_run_dir(cfg)
 
+    def run_callbacks(self, run_dir: Path, given: list) -> list:
+        """Callbacks added to every run unless the config gives its own of the same kind."""
+        out = []
+        if not any(isinstance(c, ModelCheckpoint) for c in given):
+            out.append(LastCheckpoint(run_dir / "checkpoints"))
+        if not any(isinstance(c, StepSeed) for c in given):
+            out.append(StepSeed())
+        return out
+
     def _instantiate_trainer(self, config, callbacks):
         cfg = self._cfg()
         run_dir = Path(config.get("default_root_dir") or cfg.trainer.default_root_dir)
         given = list(config.get("callbacks") or []) + list(callbacks)
-        if not any(isinstance(c, ModelCheckpoint) for c in given):
-            callbacks.append(BestCheckpoint(run_dir / "checkpoints", monitor=self.model.selection_metric))
-            callbacks.append(LastCheckpoint(run_dir / "checkpoints"))
-        if not any(isinstance(c, StepSeed) for c in given):
-            callbacks.append(StepSeed())
-        if getattr(self.model, "segmentation", False) and not any(isinstance(c, SegmentationOverlays) for c in given):
-            callbacks.append(SegmentationOverlays())
+        callbacks.extend(self.run_callbacks(run_dir, given))
         if config.get("logger") in (None, True):
             config["logger"] = default_loggers(run_dir, cfg.wandb, self.subcommand or "fit")
         return super()._instantiate_trainer(config, callbacks)
+
+
+class DGCLI(RunCLI):
+    model_base = DGMethod
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        # classification or segmentation: the benchmark decides, the method builds its head for it
+        parser.link_arguments("data.task", "model.init_args.task", apply_on="instantiate")
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--evaluate_after_fit", type=bool, default=True,
+                            help="after fit, test the held-out domains with each model selection and "
+                                 "write results.json")
+
+    def run_callbacks(self, run_dir: Path, given: list) -> list:
+        out = []
+        if not any(isinstance(c, ModelCheckpoint) for c in given):
+            out.append(BestCheckpoint(run_dir / "checkpoints", monitor=self.model.selection_metric))
+        out += super().run_callbacks(run_dir, given)
+        if getattr(self.model, "segmentation", False) and not any(isinstance(c, SegmentationOverlays) for c in given):
+            out.append(SegmentationOverlays())
+        return out
 
     def before_fit(self) -> None:
         self._fit_start = time.time()
@@ -126,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
         from dg_lightning.eval.lodo import main as lodo_main
 
         sys.exit(lodo_main(argv[1:]))
+    if argv and argv[0] == "issa":  # the ISSA generator and encoder stages: any LightningModule, no DG selection
+        RunCLI(args=argv[1:])
+        return
     if argv and argv[0] == "download":
         from dg_lightning.data.download import main as download_main
 

@@ -106,3 +106,44 @@ def test_exemplar_styles_come_from_a_folder(encoder_ckpt, tmp_path):
     assert mixing.style_bank.shape == (3, mixing.G.num_ws, mixing.G.w_dim)
     with pytest.raises(FileNotFoundError, match="no images"):
         ISSAStyleMixing(str(encoder_ckpt[0]), exemplars=str(tmp_path / "empty")).setup(None, None, "fit")
+
+
+@pytest.mark.slow
+def test_three_stages_run_from_the_cli_through_their_checkpoints(tmp_path):
+    """The shipped YAMLs, shrunk: `issa fit` (generator) -> `issa fit` (encoder, loading the generator's
+    last.ckpt) -> `fit` ERM + ISSA mixing (loading the encoder's), each from its default run directory."""
+    import json
+    import subprocess
+
+    from tests.conftest import ROOT, cli_cmd, subprocess_env
+    from tests.seg_trees import write_camvid
+
+    data = tmp_path / "data"
+    write_cityscapes(data / "cityscapes-pix2pix", split="train", n=6, h=64, w=64, suffix=".jpg")
+    write_cityscapes(data / "cityscapes-pix2pix", split="val", n=2, h=64, w=64, suffix=".jpg")
+    write_camvid(data / "camvid", h=64, w=96)
+    env = subprocess_env(DG_DATA=str(data))
+    small = ["--model.init_args.size=[32, 64]", "--data.init_args.size=[32, 64]", "--data.init_args.batch_size=2",
+             "--trainer.max_steps=4", "--trainer.enable_progress_bar=false"]
+    stages = [
+        cli_cmd("issa", "fit", "--config", str(ROOT / "experiments/issa/cityscapes_tiny_gan.yaml"), *small,
+                "--model.init_args.w_dim=16", "--model.init_args.n_mlp=2", "--model.init_args.channel_base=64",
+                "--model.init_args.channel_max=32"),
+        cli_cmd("issa", "fit", "--config", str(ROOT / "experiments/issa/cityscapes_tiny_encoder.yaml"),
+                *[a for a in small if "model.init_args.size" not in a], "--model.init_args.noise_height=8",
+                "--model.init_args.channels=8"),
+        cli_cmd("fit", "--config", str(ROOT / "experiments/cpu/seg_cityscapes_erm_issa.yaml"),
+                "--model.init_args.backbone=resnet10t", "--model.init_args.pretrained=false",
+                "--model.init_args.decoder_channels=16", "--data.init_args.crop_size=32", "--data.init_args.batch_size=2",
+                "--data.init_args.holdout_fraction=0.34", "--data.init_args.steps_per_epoch=2", "--trainer.max_epochs=1",
+                "--trainer.default_root_dir=runs/seg", "--trainer.enable_progress_bar=false"),
+    ]
+    for cmd in stages:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs/issa/gan/checkpoints/last.ckpt").is_file()
+    assert (tmp_path / "runs/issa/encoder/config.yaml").is_file()
+    r = json.loads((tmp_path / "runs/seg/results.json").read_text())
+    assert set(r["selections"]["oracle"]["test"]) == {"cityscapes", "camvid", "camvid_dusk"}
+    assert "train/issa_mixed_epoch" in (tmp_path / "runs/seg/csv/metrics.csv").read_text().splitlines()[0] or \
+        "train/issa_mixed" in (tmp_path / "runs/seg/csv/metrics.csv").read_text().splitlines()[0]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from dg_lightning.core.data import DomainBalancedSampler, ShardSampler
+from dg_lightning.data.segmentation.base import SegmentationSet
 from dg_lightning.methods.issa.generator import Discriminator, Generator
 
 
@@ -123,7 +124,7 @@ class SourceImages(L.LightningDataModule):
 
     task = "generation"
 
-    def __init__(self, source, size: tuple[int, int] = (64, 128), batch_size: int = 16,
+    def __init__(self, source: SegmentationSet, size: tuple[int, int] = (64, 128), batch_size: int = 16,
                  steps_per_epoch: int = 500, flip: bool = True, seed: int = 0, num_workers: int = 0):
         super().__init__()
         self.source, self.size, self.flip, self.seed = source, tuple(size), flip, seed

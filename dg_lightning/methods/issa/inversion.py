@@ -69,7 +69,6 @@ class NoiseEncoderTraining(L.LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         gan = StyleGAN2.load_from_checkpoint(generator_ckpt, map_location="cpu")
-        self.gan_hparams = dict(gan.hparams)
         self.G = copy.deepcopy(gan.G_ema).requires_grad_(False).eval()
         self.D = copy.deepcopy(gan.D)
         self.E = MaskedNoiseEncoder(self.G, noise_height, channels)
@@ -161,8 +160,7 @@ class NoiseEncoderTraining(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # what stage 3 needs to rebuild G and E from this checkpoint alone (see ``load_inverter``)
-        checkpoint["issa"] = {"gan": {k: self.gan_hparams[k] for k in
-                                      ("size", "w_dim", "n_mlp", "channel_base", "channel_max")},
+        checkpoint["issa"] = {"gan": dict(self.G.config),
                               "encoder": {"noise_height": self.E.noise_height,
                                           "channels": self.hparams.channels}}
 
@@ -178,7 +176,7 @@ def load_inverter(path: str, map_location="cpu") -> tuple[Generator, MaskedNoise
     if "issa" not in ckpt:
         raise ValueError(f"{path} is not an ISSA stage-2 (NoiseEncoderTraining) checkpoint")
     g_args, e_args = ckpt["issa"]["gan"], ckpt["issa"]["encoder"]
-    G = Generator(tuple(g_args["size"]), g_args["w_dim"], g_args["n_mlp"], g_args["channel_base"], g_args["channel_max"])
+    G = Generator(**{**g_args, "size": tuple(g_args["size"])})
     E = MaskedNoiseEncoder(G, e_args["noise_height"], e_args["channels"])
     state = ckpt["state_dict"]
     G.load_state_dict({k[2:]: v for k, v in state.items() if k.startswith("G.")})
