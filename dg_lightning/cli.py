@@ -114,9 +114,15 @@ class DGCLI(RunCLI):
 
     def run_callbacks(self, run_dir: Path, given: list) -> list:
         out = []
-        if not any(isinstance(c, ModelCheckpoint) for c in given):
+        for c in given:  # extra selections given in the config (no dirpath): beside the others
+            if isinstance(c, BestCheckpoint) and c.dirpath is None:
+                c.dirpath = str(run_dir / "checkpoints")
+        checkpoints = [c for c in given if isinstance(c, ModelCheckpoint)]
+        if not any(c.monitor == self.model.selection_metric for c in checkpoints):
             out.append(BestCheckpoint(run_dir / "checkpoints", monitor=self.model.selection_metric))
-        out += super().run_callbacks(run_dir, given)
+        if not any(isinstance(c, LastCheckpoint) for c in checkpoints):
+            out.append(LastCheckpoint(run_dir / "checkpoints"))
+        out += [c for c in super().run_callbacks(run_dir, given) if not isinstance(c, ModelCheckpoint)]
         if getattr(self.model, "segmentation", False) and not any(isinstance(c, SegmentationOverlays) for c in given):
             out.append(SegmentationOverlays())
         return out

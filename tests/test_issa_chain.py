@@ -144,6 +144,9 @@ def test_three_stages_run_from_the_cli_through_their_checkpoints(tmp_path):
     assert (tmp_path / "runs/issa/gan/checkpoints/last.ckpt").is_file()
     assert (tmp_path / "runs/issa/encoder/config.yaml").is_file()
     r = json.loads((tmp_path / "runs/seg/results.json").read_text())
-    assert set(r["selections"]["oracle"]["test"]) == {"cityscapes", "camvid", "camvid_dusk"}
+    assert set(r["selections"]) == {"training-domain validation", "oracle", "stylised proxy validation"}
+    proxy = r["selections"]["stylised proxy validation"]
+    assert proxy["monitor"] == "val/cityscapes_stylised/miou" and 0 <= proxy["val"] <= 1
+    assert set(proxy["test"]) == {"cityscapes", "camvid", "camvid_dusk"}
     assert "train/issa_mixed_epoch" in (tmp_path / "runs/seg/csv/metrics.csv").read_text().splitlines()[0] or \
         "train/issa_mixed" in (tmp_path / "runs/seg/csv/metrics.csv").read_text().splitlines()[0]

@@ -58,9 +58,13 @@ class BestCheckpoint(ModelCheckpoint):
     second validation pass over the same checkpoint. They survive a resume (callback state).
     """
 
-    def __init__(self, dirpath, monitor: str, mode: str = "max"):
-        super().__init__(dirpath=dirpath, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+    def __init__(self, dirpath=None, monitor: str = "val/acc", mode: str = "max",
+                 selection: str = "training-domain validation", prefix: str = "best"):
+        super().__init__(dirpath=dirpath, filename=prefix + "-epoch{epoch:03d}", auto_insert_metric_name=False,
                          monitor=monitor, mode=mode, save_top_k=1, save_last=False)
+        #: the name of this model selection in results.json (a second BestCheckpoint on another
+        #: monitor, e.g. ISSA's stylised proxy validation, adds a selection)
+        self.selection = selection
         self.best_val_metrics: dict[str, float] = {}
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from dg_lightning.core.callbacks import LastCheckpoint
+from dg_lightning.core.callbacks import BestCheckpoint, LastCheckpoint
 
 SELECTIONS = ("training-domain validation", "oracle")
 
@@ -108,6 +108,25 @@ def evaluate_selections(trainer: L.Trainer, model: L.LightningModule, datamodule
         if any(per_class.values()):
             entry["per_class_iou"] = per_class
         record["selections"][name] = entry
+    # further selections (a BestCheckpoint on another monitor, e.g. ISSA's stylised proxy validation)
+    for extra in ckpts:
+        if not isinstance(extra, BestCheckpoint) or extra is ckpt or not extra.best_model_path:
+            continue
+        t0 = time.time()
+        trainer.test(model, datamodule=datamodule, ckpt_path=extra.best_model_path, verbose=False)
+        test = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        val = extra.best_val_metrics
+        record["selections"][extra.selection] = {
+            "checkpoint": extra.best_model_path,
+            "epoch": _epoch_of(extra.best_model_path),
+            "monitor": extra.monitor,
+            "val": float(extra.best_model_score) if extra.best_model_score is not None else None,
+            "test": {d: test.get(f"test/{d}/{model.metric_name}") for d in datamodule.test_domains},
+            "test_mean": test.get(f"test/{model.metric_name}"),
+            "in_domain": {d: val.get(f"val/{d}/{model.metric_name}") for d in datamodule.val_domains},
+            "in_domain_mean": val.get(f"val/{model.metric_name}"),
+            "test_seconds": round(time.time() - t0, 2),
+        }
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(_finite(record), indent=2))
         for logger in trainer.loggers:

@@ -13,6 +13,15 @@ ERM, GCISG or any other method trains on the mixed batch unchanged:
 
 Images are resized to the generator's size for the inversion and the mix, and back to the training
 crop afterwards (a tiny generator gives blurrier mixed images than the crops it replaces).
+
+Stylised proxy validation (``proxy_validation: true``): the source validation images are re-styled
+(fixed styles: another image of the same batch, or an exemplar, drawn from a seed per batch) and
+scored as ``val/<source>_stylised/miou``. Add a second ``BestCheckpoint`` monitoring that key to get
+it as a model selection of its own in ``results.json``, next to the usual two:
+
+        - class_path: dg_lightning.core.callbacks.BestCheckpoint
+          init_args: {monitor: val/cityscapes_stylised/miou, selection: stylised proxy validation,
+                      prefix: best-stylised}
 """
 
 from __future__ import annotations
@@ -73,20 +82,55 @@ class ISSAStyleMixing(L.Callback):
         max_exemplars: exemplars kept (evenly spaced over the sorted folder).
     """
 
-    def __init__(self, encoder_ckpt: str, prob: float = 0.5, exemplars: str | None = None, max_exemplars: int = 256):
+    def __init__(self, encoder_ckpt: str, prob: float = 0.5, exemplars: str | None = None, max_exemplars: int = 256,
+                 proxy_validation: bool = False):
         if not 0 <= prob <= 1:
             raise ValueError(f"prob must lie in [0, 1], got {prob}")
         self.encoder_ckpt, self.prob, self.exemplars, self.max_exemplars = encoder_ckpt, prob, exemplars, max_exemplars
+        self.proxy_validation = proxy_validation
         self.G = self.E = None
         self.style_bank: torch.Tensor | None = None
+        self.proxy_metric = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self.G is not None:
             return
         self.G, self.E = load_inverter(self.encoder_ckpt)
+        if self.proxy_validation:
+            from dg_lightning.core.metrics import SegmentationIoU
+
+            dm = trainer.datamodule
+            source = pl_module.val_domains[0] if pl_module.val_domains else dm.val_domains[0]
+            self.proxy_name = f"{source}_stylised"
+            self.proxy_metric = SegmentationIoU(pl_module.hparams.num_classes, pl_module.hparams.ignore_index,
+                                                dm.eval_classes(source, "val") if hasattr(dm, "eval_classes") else None)
         if self.exemplars:
             imgs = load_folder_images(self.exemplars, self.max_exemplars)
             self.style_bank = torch.cat([invert(self.G, self.E, chunk)[0] for chunk in imgs.split(16)])
+
+    def styles_for(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A style w+ for each image of ``x``: an exemplar's, or another image's of the batch."""
+        if self.style_bank is not None:
+            pick = torch.randint(len(self.style_bank), (len(x),), generator=generator)
+            return self.style_bank[pick].to(x.device)
+        w_all, _ = invert(self.G, self.E, x)
+        return w_all[torch.randperm(len(x), generator=generator).to(x.device)]
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
+        if self.proxy_metric is None or dataloader_idx != 0 or trainer.sanity_checking:
+            return
+        x, y = batch[0], batch[1]
+        self.G.to(x.device), self.E.to(x.device), self.proxy_metric.to(x.device)
+        g = torch.Generator().manual_seed(batch_idx)  # the same re-styled set at every validation
+        stylised = style_mix(self.G, self.E, x, self.styles_for(x, g))
+        self.proxy_metric.update(pl_module.predict_full(stylised, tuple(y.shape[-2:])).argmax(1), y)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.proxy_metric is None or trainer.sanity_checking:
+            return
+        value = self.proxy_metric.compute()
+        self.proxy_metric.reset()
+        pl_module.log(f"val/{self.proxy_name}/miou", value, sync_dist=True)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         x = batch[0]
@@ -95,12 +139,6 @@ class ISSAStyleMixing(L.Callback):
         device = x.device
         self.G.to(device), self.E.to(device)
         chosen = torch.rand(len(x), device=device) < self.prob
-        if chosen.any():
-            if self.style_bank is not None:
-                pick = torch.randint(len(self.style_bank), (int(chosen.sum()),))
-                w_style = self.style_bank[pick].to(device)
-            else:  # intra-source: the style of another image of the batch
-                w_all, _ = invert(self.G, self.E, x)
-                w_style = w_all[torch.randperm(len(x), device=device)][chosen]
-            x[chosen] = style_mix(self.G, self.E, x[chosen], w_style).to(x.dtype)
+        if chosen.any():  # intra-source: the style of another image of the batch (or an exemplar's)
+            x[chosen] = style_mix(self.G, self.E, x[chosen], self.styles_for(x)[chosen]).to(x.dtype)
         pl_module.log("train/issa_mixed", chosen.float().mean(), on_step=False, on_epoch=True, batch_size=len(x))
