@@ -16,7 +16,7 @@ ifneq ($(DG_DATA),)
 export DG_DATA
 endif
 
-.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-seg bench-pacs-ssl bench-identifiability bench-speed bench-steptime bench-steptime-ssl lint clean
+.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-seg bench-issa bench-pacs-ssl bench-identifiability bench-speed bench-steptime bench-steptime-ssl lint clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,10 @@ bench-pacs-methods: install
 ## segmentation DG: ERM vs GCISG, DeepLabV3+ lite0, real Cityscapes -> Cityscapes val, CamVid, CamVid dusk
 bench-seg: install
 	$(BIN)/python -m dg_lightning.bench.seg --seeds $(SEEDS) --out bench/seg
+
+## ISSA, tiny: StyleGAN2 + masked noise encoder on real Cityscapes, then ERM vs ERM+ISSA as in bench-seg
+bench-issa: install
+	$(BIN)/python -m dg_lightning.bench.issa --seeds $(SEEDS) --out bench/issa
 
 ## SimCLR vs SimCLR+DDM vs multi-space on real PACS, ResNet-18 from scratch at 64 px, linear probes
 bench-pacs-ssl: install

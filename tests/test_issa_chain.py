@@ -1,6 +1,7 @@
 """ISSA's three stages chained through saved checkpoints, and the style mix itself."""
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -150,3 +151,35 @@ def test_three_stages_run_from_the_cli_through_their_checkpoints(tmp_path):
     assert set(proxy["test"]) == {"cityscapes", "camvid", "camvid_dusk"}
     assert "train/issa_mixed_epoch" in (tmp_path / "runs/seg/csv/metrics.csv").read_text().splitlines()[0] or \
         "train/issa_mixed" in (tmp_path / "runs/seg/csv/metrics.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.slow
+def test_bench_issa_runs_end_to_end_at_toy_size(tmp_path):
+    """`make bench-issa`'s script on a toy tree: stages, reconstruction numbers, the grid, the table."""
+    import json
+
+    from PIL import Image
+
+    from dg_lightning.bench.issa import main
+    from tests.seg_trees import write_camvid
+
+    data = tmp_path / "data"
+    write_cityscapes(data / "cityscapes-pix2pix", split="train", n=6, h=64, w=64, suffix=".jpg")
+    write_cityscapes(data / "cityscapes-pix2pix", split="val", n=8, h=64, w=64, suffix=".jpg")
+    write_camvid(data / "camvid", h=64, w=96)
+    size = "--data.init_args.size=[32,64] --data.init_args.batch_size=2"
+    seg = ["--model.init_args.backbone=resnet10t", "--model.init_args.pretrained=false",
+           "--model.init_args.decoder_channels=16", "--data.init_args.crop_size=32", "--data.init_args.batch_size=2",
+           "--data.init_args.holdout_fraction=0.34", "--data.init_args.steps_per_epoch=2", "--trainer.max_epochs=1"]
+    assert main(["--data", str(data), "--seeds", "0", "--out", str(tmp_path / "out"), "--gan-steps", "2",
+                 "--encoder-steps", "2", "--erm-runs", str(tmp_path / "none"),
+                 f"--gan-args={size} --model.init_args.size=[32,64] --model.init_args.w_dim=16 --model.init_args.n_mlp=2"
+                 " --model.init_args.channel_base=64 --model.init_args.channel_max=32",
+                 f"--encoder-args={size} --model.init_args.noise_height=8 --model.init_args.channels=8",
+                 "--", *seg]) == 0
+    r = json.loads((tmp_path / "out/bench_issa.json").read_text())
+    assert r["reconstruction"]["images"] == 8 and np.isfinite(r["reconstruction"]["psnr_db"])
+    assert {x["method"] for x in r["runs"]} == {"ERM", "ERM+ISSA"}
+    assert Image.open(tmp_path / "out/mixing_grid.png").size == (5 * 64, 5 * 32)  # 4 styles + content column
+    md = (tmp_path / "out/bench_issa.md").read_text()
+    assert "| ERM+ISSA |" in md and "stylised proxy validation" in md
