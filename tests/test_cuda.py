@@ -59,3 +59,49 @@ def test_method_trains_on_cuda_in_bf16(name):
     trainer.test(model, datamodule=dm, verbose=False)
     assert 0.0 <= float(trainer.callback_metrics["test/cartoon/acc"]) <= 1.0
     assert devices == {"cuda"}
+
+
+def _seg_data(tmp_path):
+    from dg_lightning.data.segmentation import CamVid, Cityscapes, SegmentationDG
+    from tests.seg_trees import write_camvid, write_cityscapes
+
+    cs = write_cityscapes(tmp_path / "cs", split="train", n=6, h=64, w=64)
+    write_cityscapes(tmp_path / "cs", split="val", n=2, h=64, w=64)
+    cv = write_camvid(tmp_path / "camvid", h=64, w=96)
+    return SegmentationDG(source=Cityscapes(str(cs), split="train"), targets=[Cityscapes(str(cs)), CamVid(str(cv))],
+                          holdout_fraction=0.34, crop_size=32, batch_size=2, eval_batch_size=2, steps_per_epoch=2,
+                          split_seed=0)
+
+
+@pytest.mark.parametrize("name", ["ERM", "GCISG", "ERM+ISSA"])
+def test_segmentation_trains_on_cuda_in_bf16(name, tmp_path):
+    from dg_lightning import methods as m
+
+    L.seed_everything(0)
+    dm = _seg_data(tmp_path)
+    seg = {"num_classes": 19, "backbone": "resnet10t", "task": "segmentation", "decoder_channels": 16}
+    model = m.GCISG(queue_size=64, emb_dim=16, **seg) if name == "GCISG" else m.ERM(**seg)
+    callbacks = []
+    if name == "ERM+ISSA":  # stages 1 and 2 on the GPU too, then mixing (and the proxy) in training
+        from dg_lightning.methods.issa import ISSAStyleMixing, NoiseEncoderTraining, StyleGAN2
+
+        images = torch.utils.data.DataLoader([(torch.rand(3, 32, 64), 0, 0, i) for i in range(4)], batch_size=4)
+        gan = StyleGAN2(size=(32, 64), w_dim=16, n_mlp=2, channel_base=64, channel_max=32)
+        for module, ckpt in ((gan, "gan.ckpt"), (None, "enc.ckpt")):
+            if module is None:
+                module = NoiseEncoderTraining(str(tmp_path / "gan.ckpt"), noise_height=8, channels=8)
+            t = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=2, logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+            t.fit(module, images)
+            t.save_checkpoint(tmp_path / ckpt)
+        callbacks.append(ISSAStyleMixing(str(tmp_path / "enc.ckpt"), prob=1.0, proxy_validation=True))
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False,
+                        enable_model_summary=False, callbacks=callbacks)
+    trainer.fit(model, datamodule=dm)
+    assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
+    assert 0.0 <= float(trainer.callback_metrics["val/miou"]) <= 1.0
+    if name == "ERM+ISSA":
+        assert 0.0 <= float(trainer.callback_metrics["val/cityscapes_stylised/miou"]) <= 1.0
+    trainer.test(model, datamodule=dm, verbose=False)
+    assert 0.0 <= float(trainer.callback_metrics["test/camvid/miou"]) <= 1.0
