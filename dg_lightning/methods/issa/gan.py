@@ -71,7 +71,7 @@ class StyleGAN2(L.LightningModule):
             w_plus[:, cut:] = g.mapping(torch.randn(n, g.w_dim, device=self.device)).unsqueeze(1)
         if self.training:
             with torch.no_grad():
-                g.w_avg.lerp_(w.detach().mean(0), 1 - self.hparams.w_avg_beta)
+                g.w_avg.lerp_(w.detach().float().mean(0), 1 - self.hparams.w_avg_beta)  # autocast: w may be bf16
         return w_plus
 
     def to_gan_range(self, x: torch.Tensor) -> torch.Tensor:
