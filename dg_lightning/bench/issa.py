@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dg_lightning.bench import split_overrides
 from dg_lightning.bench.seg import find_data, table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,8 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--gan-args", default="", help='extra overrides for stage 1, one string: "--a=1 --b=2"')
     p.add_argument("--encoder-args", default="", help="extra overrides for stage 2, one string")
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    own, extra = split_overrides(argv)  # overrides after -- reach every run, e.g. --trainer.accelerator=gpu
+    args = p.parse_args(own)
     data = find_data(args.data).resolve()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from dg_lightning.bench import split_overrides
+
 SUITES = {
     "erm": {
         "resnet18-scratch-64px": "experiments/cpu/pacs_erm_resnet18.yaml",
@@ -62,8 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help=f"default: {DEFAULT_OUT}")
     p.add_argument("--tables", nargs="+", default=None, help="a subset of the suite's tables")
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # passed on to every run, e.g. --trainer.accelerator=gpu
-    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    own, extra = split_overrides(argv)  # overrides after -- reach every run, e.g. --trainer.accelerator=gpu
+    args = p.parse_args(own)
     tables = SUITES[args.suite]
     unknown = set(args.tables or []) - set(tables)
     if unknown:

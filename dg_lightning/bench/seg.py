@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from dg_lightning.bench import split_overrides
 from dg_lightning.eval.report import fmt, mean_se
 
 METHODS = {
@@ -63,8 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench/seg")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    own, extra = split_overrides(argv)  # overrides after -- reach every run, e.g. --trainer.accelerator=gpu
+    args = p.parse_args(own)
     data = find_data(args.data)
     out = Path(args.out)
     report = {"data": str(data), "seeds": args.seeds, "runs": [], "wall_seconds": {}}

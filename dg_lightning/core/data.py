@@ -66,6 +66,17 @@ def build_transform(image_size: int, augment: Augment, train: bool) -> Callable:
     raise ValueError(f"unknown augment {augment!r}: choose one of domainbed, flip, none")
 
 
+def run_seed(seed: int | None = None) -> int:
+    """``seed``, or the run's seed (``seed_everything``) when ``None``."""
+    return seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def rank_world(datamodule) -> tuple[int, int]:
+    """(global rank, world size) of the data module's trainer; (0, 1) without one."""
+    trainer = getattr(datamodule, "trainer", None)
+    return (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
+
+
 @contextmanager
 def seeded(seed: int):
     """Seed torch, NumPy and ``random`` inside the block; restore their states afterwards (torchvision
@@ -277,15 +288,10 @@ class MultiDomainDataModule(L.LightningDataModule):
         return list(self.train_domains)
 
     def _seed(self) -> int:
-        if self.split_seed is not None:
-            return self.split_seed
-        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return run_seed(self.split_seed)
 
     def _rank_world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
+        return rank_world(self)
 
     def setup(self, stage: str | None = None) -> None:
         if self._splits is not None:

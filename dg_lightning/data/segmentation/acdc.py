@@ -24,12 +24,6 @@ class ACDC(SegmentationSet):
         self.condition = condition
 
     def find_pairs(self) -> list[tuple[Path, Path]]:
-        images = self.root / "rgb_anon" / self.condition / self.split
-        if not images.is_dir():
-            raise self.missing(f"{images} does not exist")
-        pairs = []
-        for img in sorted(images.glob("*/*_rgb_anon.png")):
-            stem = img.name[: -len("_rgb_anon.png")]
-            label = self.root / "gt" / self.condition / self.split / img.parent.name / f"{stem}_gt_labelTrainIds.png"
-            pairs.append((img, self.label_for(img, label)))
-        return pairs
+        gt = self.root / "gt" / self.condition / self.split
+        return self.pairs_by_suffix(self.root / "rgb_anon" / self.condition / self.split, "_rgb_anon.png",
+                                    lambda seq, stem: gt / seq / f"{stem}_gt_labelTrainIds.png")

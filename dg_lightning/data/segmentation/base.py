@@ -34,7 +34,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dg_lightning.core.data import DomainBalancedSampler, ShardSampler, holdout_split, stable_seed
+from dg_lightning.core.data import (
+    DomainBalancedSampler,
+    ShardSampler,
+    holdout_split,
+    rank_world,
+    run_seed,
+    stable_seed,
+)
 from dg_lightning.data.segmentation.labels import CITYSCAPES_CLASSES, IGNORE, remap
 
 
@@ -91,6 +98,14 @@ class SegmentationSet:
             f"{type(self).__name__} ({self.split}): {what}.\nExpected layout under {self.root}:\n{self.layout}\n"
             f"How to get it: {self.download}"
         )
+
+    def pairs_by_suffix(self, images: Path, suffix: str, label_of) -> list[tuple[Path, Path]]:
+        """(image, label) for every ``<folder>/<stem><suffix>`` under ``images`` (one level of folders:
+        cities, sequences); ``label_of(folder_name, stem)`` is the label's path."""
+        if not images.is_dir():
+            raise self.missing(f"{images} does not exist")
+        return [(img, self.label_for(img, label_of(img.parent.name, img.name[: -len(suffix)])))
+                for img in sorted(images.glob(f"*/*{suffix}"))]
 
     def label_for(self, image: Path, label: Path) -> Path:
         """``label``, or a clear error naming the image that has no label."""
@@ -266,11 +281,6 @@ class SegmentationDG(L.LightningDataModule):
         return list(data.eval_classes) if data.eval_classes is not None else None
 
     # -- splits ------------------------------------------------------------------------------------
-    def _seed(self) -> int:
-        import os
-
-        return self.split_seed if self.split_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-
     def setup(self, stage: str | None = None) -> None:
         if self._split is not None:
             return
@@ -278,13 +288,9 @@ class SegmentationDG(L.LightningDataModule):
         for t in [*self.targets, *([self.val] if self.val is not None else [])]:
             len(t)
         if self.val is None:
-            self._split = holdout_split(n, self.holdout_fraction, stable_seed(self._seed(), self.source.name))
+            self._split = holdout_split(n, self.holdout_fraction, stable_seed(run_seed(self.split_seed), self.source.name))
         else:
             self._split = (np.arange(n), np.arange(0))
-
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        return (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
@@ -296,13 +302,13 @@ class SegmentationDG(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         train = self.train_dataset()
-        rank, world = self._rank_world()
-        sampler = DomainBalancedSampler([len(train)], self.batch_size, self.steps_per_epoch, seed=self._seed(),
+        rank, world = rank_world(self)
+        sampler = DomainBalancedSampler([len(train)], self.batch_size, self.steps_per_epoch, seed=run_seed(self.split_seed),
                                         rank=rank, world_size=world)
         return self._loader(train, self.batch_size, sampler)
 
     def _eval(self, dataset: PairedDataset) -> DataLoader:
-        rank, world = self._rank_world()
+        rank, world = rank_world(self)
         return self._loader(dataset, self.eval_batch_size, ShardSampler(len(dataset), rank, world))
 
     def val_dataloader(self) -> list[DataLoader]:

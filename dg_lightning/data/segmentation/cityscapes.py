@@ -34,13 +34,9 @@ class Cityscapes(SegmentationSet):
 
     def find_pairs(self) -> list[tuple[Path, Path]]:
         images = self.root / "leftImg8bit" / self.split
-        if not images.is_dir():
-            raise self.missing(f"{images} does not exist")
-        pairs = []
-        for img in sorted(images.glob(f"*/*{self.image_suffix}")):
-            stem = img.name[: -len(self.image_suffix)]
-            label = self.root / "gtFine" / self.split / img.parent.name / f"{stem}_gtFine_{self.label_type}.png"
-            pairs.append((img, self.label_for(img, label)))
+        gt = self.root / "gtFine" / self.split
+        pairs = self.pairs_by_suffix(images, self.image_suffix,
+                                     lambda city, stem: gt / city / f"{stem}_gtFine_{self.label_type}.png")
         if not pairs and any(images.glob("*/*_leftImg8bit.*")):
             found = next(images.glob("*/*_leftImg8bit.*")).name
             raise self.missing(f"no image ends in {self.image_suffix!r} (found e.g. {found}): set image_suffix")

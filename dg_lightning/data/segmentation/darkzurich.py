@@ -28,12 +28,6 @@ class DarkZurich(SegmentationSet):
         self.table = lookup_table(CITYSCAPES_ID_TO_TRAIN) if label_type == "labelIds" else None
 
     def find_pairs(self) -> list[tuple[Path, Path]]:
-        images = self.root / "rgb_anon" / self.split / self.condition
-        if not images.is_dir():
-            raise self.missing(f"{images} does not exist")
-        pairs = []
-        for img in sorted(images.glob("*/*_rgb_anon.png")):
-            stem = img.name[: -len("_rgb_anon.png")]
-            label = self.root / "gt" / self.split / self.condition / img.parent.name / f"{stem}_gt_{self.label_type}.png"
-            pairs.append((img, self.label_for(img, label)))
-        return pairs
+        gt = self.root / "gt" / self.split / self.condition
+        return self.pairs_by_suffix(self.root / "rgb_anon" / self.split / self.condition, "_rgb_anon.png",
+                                    lambda seq, stem: gt / seq / f"{stem}_gt_{self.label_type}.png")

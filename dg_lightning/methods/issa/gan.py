@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from dg_lightning.core.data import DomainBalancedSampler, ShardSampler
+from dg_lightning.core.data import DomainBalancedSampler, ShardSampler, rank_world
 from dg_lightning.data.segmentation.base import SegmentationSet
 from dg_lightning.methods.issa.generator import Discriminator, Generator
 
@@ -135,8 +135,7 @@ class SourceImages(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self.dataset()
-        trainer = getattr(self, "trainer", None)
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world = rank_world(self)
         sampler = DomainBalancedSampler([len(ds)], self.batch_size, self.steps_per_epoch, self.seed, rank, world)
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
