@@ -15,7 +15,7 @@ from dg_lightning.methods.issa import (
 from dg_lightning.methods.issa.mixing import invert
 from tests.seg_trees import write_cityscapes
 
-TINY = dict(size=(32, 64), w_dim=16, n_mlp=2, channel_base=64, channel_max=32)
+TINY = dict(size=(32, 64), w_dim=16, n_mlp=2, channel_base=64, channel_max=32, noise_init=0.2)
 
 
 def _trainer(root, steps):

@@ -55,6 +55,13 @@ def test_zero_noise_strength_ignores_the_noise():
     assert torch.allclose(g.synthesis(w, g.random_noise(1)), g.synthesis(w, g.random_noise(1)))
 
 
+def test_noise_init_sets_every_strength_and_is_kept_in_the_config():
+    g = Generator((8, 16), **TINY, noise_init=0.1)
+    assert [float(layer.noise.strength) for layer in g.layers] == pytest.approx([0.1] * len(g.layers))
+    assert Generator(**{**g.config, "size": tuple(g.config["size"])}).layers[-1].noise.strength.item() == \
+        pytest.approx(0.1)
+
+
 def test_modulated_convolution_by_hand():
     """1 x 1, one channel: modulation scales the weight by the style, demodulation divides by its
     norm, so the output is x times the sign of (weight * style); without demodulation it is

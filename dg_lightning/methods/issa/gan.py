@@ -47,17 +47,19 @@ class StyleGAN2(L.LightningModule):
         size: image (height, width); w_dim, n_mlp, channel_base, channel_max: see ``Generator``.
         lr / betas: Adam for both networks; r1_gamma / r1_every: lazy R1; ema_beta: G_ema decay.
         style_mixing_prob: probability of mixing two w's at a random layer (regularisation).
+        noise_init: the generator's starting noise strengths (``Generator``).
     """
 
     def __init__(self, size: tuple[int, int] = (64, 128), w_dim: int = 512, n_mlp: int = 8,
                  channel_base: int = 16384, channel_max: int = 512, lr: float = 0.002,
                  betas: tuple[float, float] = (0.0, 0.99), r1_gamma: float = 10.0, r1_every: int = 16,
-                 ema_beta: float = 0.999, style_mixing_prob: float = 0.9, w_avg_beta: float = 0.995):
+                 ema_beta: float = 0.999, style_mixing_prob: float = 0.9, w_avg_beta: float = 0.995,
+                 noise_init: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         size = tuple(size)
-        self.G = Generator(size, w_dim, n_mlp, channel_base, channel_max)
+        self.G = Generator(size, w_dim, n_mlp, channel_base, channel_max, noise_init)
         self.D = Discriminator(size, channel_base, channel_max)
         self.G_ema = copy.deepcopy(self.G).requires_grad_(False).eval()
 

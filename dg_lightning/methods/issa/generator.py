@@ -101,21 +101,22 @@ class ModulatedConv2d(nn.Module):
 
 
 class NoiseInjection(nn.Module):
-    """``x + strength * noise``, one learned strength per layer, the noise map (N, 1, H, W) given."""
+    """``x + strength * noise``, one learned strength per layer, the noise map (N, 1, H, W) given.
+    StyleGAN2 starts every strength at 0; ``init`` > 0 makes the noise count from the first step."""
 
-    def __init__(self):
+    def __init__(self, init: float = 0.0):
         super().__init__()
-        self.strength = nn.Parameter(torch.zeros(1))
+        self.strength = nn.Parameter(torch.full((1,), float(init)))
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return x + self.strength * noise
 
 
 class StyledLayer(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, w_dim: int, upsample: bool = False):
+    def __init__(self, in_ch: int, out_ch: int, w_dim: int, upsample: bool = False, noise_init: float = 0.0):
         super().__init__()
         self.conv = ModulatedConv2d(in_ch, out_ch, 3, w_dim, upsample=upsample)
-        self.noise = NoiseInjection()
+        self.noise = NoiseInjection(noise_init)
         self.bias = nn.Parameter(torch.zeros(1, out_ch, 1, 1))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -147,10 +148,13 @@ class Generator(nn.Module):
         size: output (height, width); the base is (4, 4 * W / H).
         w_dim: latent size (z and w); n_mlp: mapping depth.
         channel_base / channel_max: feature widths (tiny CPU config: 256 / 128; paper: 16384 / 512).
+        noise_init: every noise strength's starting value. StyleGAN2 uses 0, and the strengths grow
+            over a long training; ISSA needs the noise maps to carry the layout, so a short
+            training (the tiny CPU config) starts them at 0.1.
     """
 
     def __init__(self, size: tuple[int, int] = (64, 128), w_dim: int = 512, n_mlp: int = 8,
-                 channel_base: int = 16384, channel_max: int = 512):
+                 channel_base: int = 16384, channel_max: int = 512, noise_init: float = 0.0):
         super().__init__()
         h, w = size
         if h & (h - 1) or w & (w - 1) or h < 4 or w < h:
@@ -158,17 +162,17 @@ class Generator(nn.Module):
         self.size, self.w_dim = (h, w), w_dim
         #: the constructor's arguments: enough to rebuild this generator around a saved state dict
         self.config = {"size": [h, w], "w_dim": w_dim, "n_mlp": n_mlp, "channel_base": channel_base,
-                       "channel_max": channel_max}
+                       "channel_max": channel_max, "noise_init": noise_init}
         self.base = (4, 4 * w // h)
         self.num_res = int(math.log2(h)) - 1  # 4, 8, ..., h
         ch = channel_plan(self.num_res, channel_base, channel_max)
         self.mapping = MappingNetwork(w_dim, n_mlp)
         self.const = nn.Parameter(torch.randn(1, ch[0], *self.base))
-        self.layers = nn.ModuleList([StyledLayer(ch[0], ch[0], w_dim)])
+        self.layers = nn.ModuleList([StyledLayer(ch[0], ch[0], w_dim, noise_init=noise_init)])
         self.to_rgbs = nn.ModuleList([ToRGB(ch[0], w_dim)])
         for k in range(1, self.num_res):
-            self.layers.append(StyledLayer(ch[k - 1], ch[k], w_dim, upsample=True))
-            self.layers.append(StyledLayer(ch[k], ch[k], w_dim))
+            self.layers.append(StyledLayer(ch[k - 1], ch[k], w_dim, upsample=True, noise_init=noise_init))
+            self.layers.append(StyledLayer(ch[k], ch[k], w_dim, noise_init=noise_init))
             self.to_rgbs.append(ToRGB(ch[k], w_dim))
         self.num_ws = 2 * self.num_res
         self.register_buffer("w_avg", torch.zeros(w_dim))
