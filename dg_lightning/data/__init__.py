@@ -1,3 +1,4 @@
+from dg_lightning.data.domainnet import DomainNet
 from dg_lightning.data.folder import PACS, ImageFolderDomains
 from dg_lightning.data.segmentation import (
     ACDC,
@@ -11,5 +12,5 @@ from dg_lightning.data.segmentation import (
 )
 from dg_lightning.data.synthetic import SyntheticShapes
 
-__all__ = ["ACDC", "BDD100K", "GTA5", "PACS", "CamVid", "Cityscapes", "DarkZurich", "ImageFolderDomains",
+__all__ = ["ACDC", "BDD100K", "GTA5", "PACS", "CamVid", "Cityscapes", "DarkZurich", "DomainNet", "ImageFolderDomains",
            "MapillaryVistas", "SegmentationDG", "SyntheticShapes"]
