@@ -117,6 +117,10 @@ class DGCLI(RunCLI):
         for c in given:  # extra selections given in the config (no dirpath): beside the others
             if isinstance(c, BestCheckpoint) and c.dirpath is None:
                 c.dirpath = str(run_dir / "checkpoints")
+        # the benchmark's own selection metric and evaluation (WILDS: official metrics per split)
+        self.model.benchmark_selection_metric = getattr(self.datamodule, "selection_metric", None)
+        if hasattr(self.datamodule, "callbacks"):
+            out += [c for c in self.datamodule.callbacks() if not any(type(g) is type(c) for g in given)]
         checkpoints = [c for c in given if isinstance(c, ModelCheckpoint)]
         if not any(c.monitor == self.model.selection_metric for c in checkpoints):
             out.append(BestCheckpoint(run_dir / "checkpoints", monitor=self.model.selection_metric))

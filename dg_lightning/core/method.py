@@ -125,8 +125,10 @@ class DGMethod(L.LightningModule):
 
     @property
     def selection_metric(self) -> str:
-        """The logged key that training-domain model selection maximises."""
-        return f"val/{self.metric_name}"
+        """The logged key that training-domain model selection maximises: the benchmark's own when
+        its data module names one (WILDS: the official metric of the OOD val split), else
+        ``val/<metric>`` (mean over the source domains' validation splits)."""
+        return getattr(self, "benchmark_selection_metric", None) or f"val/{self.metric_name}"
 
     def encode(self, x: torch.Tensor, backbone: nn.Module | None = None):
         """The encoder's output: pooled features (classification) or the list of stage feature maps,
@@ -228,6 +230,7 @@ class DGMethod(L.LightningModule):
         self.val_metrics = nn.ModuleList([self.make_metric(d, "val") for d in self.val_domains])
         self.test_metrics = nn.ModuleList([self.make_metric(d, "test") for d in self.test_domains])
         if dm is not None:
+            self.benchmark_selection_metric = getattr(dm, "selection_metric", None)
             self.bind_data(dm)
         if self.trainer.world_size > 1 and self.device.type == "cpu":
             # CPU DDP: share the cores instead of every rank using all of them
@@ -249,8 +252,9 @@ class DGMethod(L.LightningModule):
             pred = self.predict_full(x, tuple(y.shape[-2:])).argmax(dim=1)
             metrics[dataloader_idx].update(pred, y)
             return pred
-        metrics[dataloader_idx].update(self(x), y)
-        return None
+        logits = self(x)
+        metrics[dataloader_idx].update(logits, y)
+        return logits.argmax(dim=1)  # to callbacks (e.g. a benchmark's official evaluation)
 
     def _eval_epoch_end(self, prefix: str, metrics: nn.ModuleList, domains: list[str], suffix: str = "") -> None:
         values = []

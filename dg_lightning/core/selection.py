@@ -80,33 +80,11 @@ def evaluate_selections(trainer: L.Trainer, model: L.LightningModule, datamodule
         if not val or (name == "oracle" and not same):
             trainer.validate(model, datamodule=datamodule, ckpt_path=paths[name], verbose=False)
             val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        metric = model.metric_name
-        entry = {
-            "checkpoint": paths[name],
-            "epoch": _epoch_of(paths[name]) if name != "oracle" else last_epoch,
-            "same_checkpoint_as_best": name == "oracle" and same,
-            "val": float(ckpt.best_model_score) if name != "oracle" and ckpt.best_model_score is not None else None,
-            "test": {d: test.get(f"test/{d}/{metric}") for d in datamodule.test_domains},
-            "test_mean": test.get(f"test/{metric}"),
-            "in_domain": {d: val.get(f"val/{d}/{metric}") for d in datamodule.val_domains},
-            "in_domain_mean": val.get(f"val/{metric}"),
-            "test_seconds": test_seconds,
-        }
-        # further metrics of the same model, logged as `<metric>_<part>` (e.g. the linear probe of
-        # each part of a self-supervised representation)
-        parts = sorted({k.rsplit("/", 1)[1][len(metric) + 1:] for k in test
-                        if k.rsplit("/", 1)[1].startswith(metric + "_")})
-        if parts:
-            entry["parts"] = {
-                part: {"test": {d: test.get(f"test/{d}/{metric}_{part}") for d in datamodule.test_domains},
-                       "in_domain": {d: val.get(f"val/{d}/{metric}_{part}") for d in datamodule.val_domains}}
-                for part in parts
-            }
-        # segmentation: the IoU of every class each target labels (None: neither labelled nor predicted)
-        per_class = {d: {k.rsplit("/", 1)[1]: v for k, v in test.items() if k.startswith(f"test/{d}/iou/")}
-                     for d in datamodule.test_domains}
-        if any(per_class.values()):
-            entry["per_class_iou"] = per_class
+        entry = _entry(model, datamodule, paths[name], test, val, test_seconds)
+        entry.update({"epoch": _epoch_of(paths[name]) if name != "oracle" else last_epoch,
+                      "same_checkpoint_as_best": name == "oracle" and same,
+                      "val": float(ckpt.best_model_score) if name != "oracle" and ckpt.best_model_score is not None
+                      else None})
         record["selections"][name] = entry
     # further selections (a BestCheckpoint on another monitor, e.g. ISSA's stylised proxy validation)
     for extra in ckpts:
@@ -115,18 +93,11 @@ def evaluate_selections(trainer: L.Trainer, model: L.LightningModule, datamodule
         t0 = time.time()
         trainer.test(model, datamodule=datamodule, ckpt_path=extra.best_model_path, verbose=False)
         test = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-        val = extra.best_val_metrics
-        record["selections"][extra.selection] = {
-            "checkpoint": extra.best_model_path,
-            "epoch": _epoch_of(extra.best_model_path),
-            "monitor": extra.monitor,
-            "val": float(extra.best_model_score) if extra.best_model_score is not None else None,
-            "test": {d: test.get(f"test/{d}/{model.metric_name}") for d in datamodule.test_domains},
-            "test_mean": test.get(f"test/{model.metric_name}"),
-            "in_domain": {d: val.get(f"val/{d}/{model.metric_name}") for d in datamodule.val_domains},
-            "in_domain_mean": val.get(f"val/{model.metric_name}"),
-            "test_seconds": round(time.time() - t0, 2),
-        }
+        entry = _entry(model, datamodule, extra.best_model_path, test, extra.best_val_metrics,
+                       round(time.time() - t0, 2))
+        entry.update({"epoch": _epoch_of(extra.best_model_path), "monitor": extra.monitor,
+                      "val": float(extra.best_model_score) if extra.best_model_score is not None else None})
+        record["selections"][extra.selection] = entry
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(_finite(record), indent=2))
         for logger in trainer.loggers:
@@ -135,6 +106,40 @@ def evaluate_selections(trainer: L.Trainer, model: L.LightningModule, datamodule
                     f"{sel}/test/{d}": acc for sel, r in record["selections"].items() for d, acc in r["test"].items()
                 })
     return record
+
+
+def _entry(model, datamodule, checkpoint: str, test: dict, val: dict, test_seconds: float) -> dict:
+    """One selection's results from the logged ``test/...`` and ``val/...`` metrics of its checkpoint."""
+    metric, targets, sources = model.metric_name, datamodule.test_domains, datamodule.val_domains
+    entry = {
+        "checkpoint": checkpoint,
+        "test": {d: test.get(f"test/{d}/{metric}") for d in targets},
+        "test_mean": test.get(f"test/{metric}"),
+        "in_domain": {d: val.get(f"val/{d}/{metric}") for d in sources},
+        "in_domain_mean": val.get(f"val/{metric}"),
+        "test_seconds": test_seconds,
+    }
+    # further metrics of the same model, logged as `<metric>_<part>` (e.g. the linear probe of
+    # each part of a self-supervised representation)
+    parts = sorted({k.rsplit("/", 1)[1][len(metric) + 1:] for k in test
+                    if k.rsplit("/", 1)[1].startswith(metric + "_")})
+    if parts:
+        entry["parts"] = {
+            part: {"test": {d: test.get(f"test/{d}/{metric}_{part}") for d in targets},
+                   "in_domain": {d: val.get(f"val/{d}/{metric}_{part}") for d in sources}}
+            for part in parts
+        }
+    # segmentation: the IoU of every class each target labels (None: neither labelled nor predicted)
+    per_class = {d: {k.rsplit("/", 1)[1]: v for k, v in test.items() if k.startswith(f"test/{d}/iou/")}
+                 for d in targets}
+    if any(per_class.values()):
+        entry["per_class_iou"] = per_class
+    # a benchmark's official metrics (WILDS' dataset.eval), per split
+    official = {d: {k.rsplit("/", 1)[1]: v for k, v in test.items() if k.startswith(f"test/{d}/official/")}
+                for d in targets}
+    if any(official.values()):
+        entry["official"] = official
+    return entry
 
 
 def _finite(obj):

@@ -1,5 +1,6 @@
 from dg_lightning.data.domainnet import DomainNet
 from dg_lightning.data.folder import PACS, ImageFolderDomains
+from dg_lightning.data.wilds import WILDS
 from dg_lightning.data.segmentation import (
     ACDC,
     BDD100K,
@@ -13,4 +14,4 @@ from dg_lightning.data.segmentation import (
 from dg_lightning.data.synthetic import SyntheticShapes
 
 __all__ = ["ACDC", "BDD100K", "GTA5", "PACS", "CamVid", "Cityscapes", "DarkZurich", "DomainNet", "ImageFolderDomains",
-           "MapillaryVistas", "SegmentationDG", "SyntheticShapes"]
+           "MapillaryVistas", "SegmentationDG", "SyntheticShapes", "WILDS"]

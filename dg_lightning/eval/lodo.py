@@ -43,7 +43,8 @@ def discover_domains(configs: list[str], overrides: list[str]) -> tuple[list[str
             if not issubclass(getattr(importlib.import_module(module), name), MultiDomainDataModule):
                 raise SystemExit(f"lodo holds out each domain of a multi-domain benchmark in turn; {name} is not "
                                  "one (a segmentation benchmark trains on its source and tests every target in "
-                                 "one run): use `dg-lightning fit --config ...`")
+                                 "one run; WILDS has fixed official splits): use `dg-lightning fit --config ...`, "
+                                 "and `dg-lightning report` over several seeds")
             parser = ArgumentParser()
             parser.add_subclass_arguments(MultiDomainDataModule, "data", required=True)
             cfg = parser.parse_object({"data": self.config["data"].as_dict()})
