@@ -207,7 +207,8 @@ class MultiDomainDataModule(L.LightningDataModule):
             ``default_image_size``).
         augment: training augmentation preset (``domainbed``, ``flip``, ``none``).
         train_transform / eval_transform: your own callables instead of the presets.
-        steps_per_epoch: optimisation steps per epoch; default: smallest source "in" split / batch_size.
+        steps_per_epoch: optimisation steps per epoch; default: one pass over the smallest source "in"
+            split (its size / (batch_size x DDP ranks)).
         test_split: evaluate held-out domains on the whole domain (``full``) or its 80 % ``in`` split.
         num_workers: data loader workers per process.
     """
@@ -329,8 +330,9 @@ class MultiDomainDataModule(L.LightningDataModule):
     def steps_per_epoch(self) -> int:
         if self._steps_per_epoch:
             return self._steps_per_epoch
+        # one pass over the smallest source domain per epoch, whatever the number of DDP ranks
         smallest = min(len(self.split_indices(d, "in")) for d in self.train_domains)
-        return max(1, smallest // self.batch_size)
+        return max(1, smallest // (self.batch_size * self._rank_world()[1]))
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler) -> DataLoader:
         return DataLoader(

@@ -181,7 +181,8 @@ class WILDS(L.LightningDataModule):
 
     @property
     def steps_per_epoch(self) -> int:
-        return self._steps_per_epoch or max(1, len(self.split_idx["train"]) // self.batch_size)
+        # one pass over the train split per epoch, whatever the number of DDP ranks
+        return self._steps_per_epoch or max(1, len(self.split_idx["train"]) // (self.batch_size * rank_world(self)[1]))
 
     def split(self, name: str, train: bool = False) -> _Split:
         idx = self.split_idx[name]
