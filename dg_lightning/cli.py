@@ -37,12 +37,18 @@ CONFIG_NAME = "config.yaml"
 HELP = (
     "dg-lightning: domain generalization experiments. Subcommands fit/validate/test take "
     "--config experiments/...yaml; also: `dg-lightning lodo --help` (every held-out domain x seed, "
-    "then the table) and `dg-lightning download --help` (datasets, checksum-verified)."
+    "then the table), `dg-lightning report --help` (many runs -> markdown/LaTeX tables and a chart), "
+    "`dg-lightning slurm --help` (LODO or sweep as a SLURM job array) and `dg-lightning download --help` "
+    "(datasets, checksum-verified)."
 )
 
 
 def default_run_dir(cfg) -> str:
-    """``runs/<method>-<data>-<held-out>-seed<seed>``: the same command resumes the same run."""
+    """``runs/<method>-<data>-<held-out>-seed<seed>``: the same command resumes the same run. A W&B sweep
+    trial (``WANDB_SWEEP_ID`` and ``WANDB_RUN_ID`` set by ``wandb agent``): ``runs/sweeps/<sweep>/<run>``."""
+    sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if sweep and run:
+        return str(Path("runs") / "sweeps" / sweep.replace("/", "_") / run)
     method = cfg.model.class_path.rsplit(".", 1)[-1].lower()
     data = cfg.data.class_path.rsplit(".", 1)[-1].lower()
     held = cfg.data.init_args.get("test_domains") or "none"
@@ -166,6 +172,18 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "issa":  # the ISSA generator and encoder stages: any LightningModule, no DG selection
         RunCLI(args=argv[1:])
         return
+    if argv and argv[0] == "report":
+        from dg_lightning.eval.report import report_main
+
+        sys.exit(report_main(argv[1:]))
+    if argv and argv[0] == "slurm":
+        from dg_lightning.cluster import slurm_main
+
+        sys.exit(slurm_main(argv[1:]))
+    if argv and argv[0] == "sweep-trial":
+        from dg_lightning.cluster import sweep_trial_main
+
+        sys.exit(sweep_trial_main(argv[1:]))
     if argv and argv[0] == "download":
         from dg_lightning.data.download import main as download_main
 

@@ -52,3 +52,61 @@ def test_wandb_mode_resolution(monkeypatch, tmp_path):
     assert resolve_wandb_mode("disabled") == "disabled"
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert resolve_wandb_mode("online") == "offline"
+
+
+def _result(root, method, data, domain, seed, tdv, oracle, mtime=None):
+    """A results.json as `fit` writes it (only the keys the report reads)."""
+    import json
+    import os
+
+    run = root / f"{method}-{domain}-seed{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    f = run / "results.json"
+    f.write_text(json.dumps({"method": method, "data": data, "test_domains": [domain], "seed": seed,
+                             "selections": {"training-domain validation": {"test": {domain: tdv}},
+                                            "oracle": {"test": {domain: oracle}}}}))
+    if mtime:
+        os.utime(f, (mtime, mtime))
+    return f
+
+
+def test_report_command_tables_by_hand(tmp_path, capsys):
+    from dg_lightning.eval.report import report_main
+
+    runs = tmp_path / "runs"
+    # ERM: photo 0.90 / 0.80, sketch 0.60 / 0.70 (65.0 ± 5.0)
+    for seed, (p, s) in enumerate([(0.90, 0.60), (0.80, 0.70)]):
+        _result(runs / "erm", "ERM", "PACS", "photo", seed, p, p + 0.01)
+        _result(runs / "erm", "ERM", "PACS", "sketch", seed, s, s + 0.01)
+    # GCISG: one seed, photo only: 95.0, no error bar, no Avg over a missing domain
+    _result(runs / "gcisg", "GCISG", "PACS", "photo", 0, 0.95, 0.96)
+    # a rerun of ERM photo seed 0 (newer file) replaces the first one: 0.90 -> 0.70, photo 75.0 ± 5.0
+    _result(runs / "erm-rerun", "ERM", "PACS", "photo", 0, 0.70, 0.71, mtime=4e9)
+    # a LODO summary next to the runs is not counted twice
+    (runs / "erm" / "results.json").write_text('{"runs": []}')
+    assert report_main([str(runs), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "**PACS**, held-out accuracy (%), model selection: training-domain validation" in md
+    assert "| Method | photo | sketch | Avg |" in md
+    # per seed Avg: (0.70 + 0.60) / 2 = 0.65, (0.80 + 0.70) / 2 = 0.75 -> 70.0, se 0.0707 / sqrt 2 = 5.0
+    assert "| ERM | 75.0 ± 5.0 | 65.0 ± 5.0 | 70.0 ± 5.0 |" in md
+    assert "| GCISG | 95.0 | — | — |" in md
+    assert "| ERM | 76.0 ± 5.0 | 66.0 ± 5.0 | 71.0 ± 5.0 |" in md  # oracle
+    tex = (tmp_path / "rep" / "report.tex").read_text()
+    assert r"ERM & 75.0 $\pm$ 5.0 & 65.0 $\pm$ 5.0 & 70.0 $\pm$ 5.0 \\" in tex and r"\begin{tabular}{lccc}" in tex
+    assert (tmp_path / "rep" / "report.png").stat().st_size > 1000
+    assert "repeats" in capsys.readouterr().err  # the duplicate is reported, not silently dropped
+
+
+def test_report_label_by_directory_and_errors(tmp_path, capsys):
+    from dg_lightning.eval.report import report_main
+
+    _result(tmp_path / "erm_lite0", "ERM", "PACS", "photo", 0, 0.5, 0.5)
+    _result(tmp_path / "erm_r18", "ERM", "PACS", "photo", 0, 0.7, 0.7)
+    assert report_main([str(tmp_path / "erm_lite0"), str(tmp_path / "erm_r18"), "--label", "dir",
+                        "--selection", "oracle", "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| erm_lite0 | 50.0 | 50.0 |" in md and "| erm_r18 | 70.0 | 70.0 |" in md
+    assert "training-domain validation" not in md
+    assert report_main([str(tmp_path / "nothing")]) == 1
+    assert "does not exist" in capsys.readouterr().err

@@ -67,7 +67,10 @@ def default_loggers(run_dir: Path, wandb: WandbOptions, stage: str = "fit") -> l
     mode = resolve_wandb_mode(wandb.mode)
     if mode != "disabled":
         id_file = run_dir / "wandb_id"
-        if id_file.exists():
+        if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+            run_id = os.environ["WANDB_RUN_ID"]  # a sweep trial: the run the agent created
+            id_file.write_text(run_id)
+        elif id_file.exists():
             run_id = id_file.read_text().strip()
         else:
             run_id = uuid.uuid4().hex[:8]

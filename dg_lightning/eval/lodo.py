@@ -56,19 +56,20 @@ def discover_domains(configs: list[str], overrides: list[str]) -> tuple[list[str
     return list(cli.datamodule.domains), method, type(cli.datamodule).__name__
 
 
+def fit_command(configs: list[str], overrides: list[str], domain: str, seed: int, run_dir: Path | str, group: str,
+                python: str = sys.executable) -> list[str]:
+    """The ``fit`` of one held-out domain and seed, in ``run_dir`` (``lodo`` and ``slurm lodo`` share it)."""
+    return [python, "-m", "dg_lightning.cli", "fit", *[a for c in configs for a in ("--config", c)], *overrides,
+            f"--data.test_domains=[{domain}]", f"--seed_everything={seed}", f"--trainer.default_root_dir={run_dir}",
+            f"--wandb.group={group}", f"--wandb.name={group}-{domain}-seed{seed}"]
+
+
 def run_one(configs, overrides, domain, seed, run_dir: Path, group: str) -> dict:
     results = run_dir / "results.json"
     if results.exists():
         print(f"  done before: {results}", flush=True)
         return json.loads(results.read_text())
-    cmd = [sys.executable, "-m", "dg_lightning.cli", "fit"]
-    cmd += [a for c in configs for a in ("--config", c)]
-    cmd += overrides
-    cmd += [
-        f"--data.test_domains=[{domain}]", f"--seed_everything={seed}",
-        f"--trainer.default_root_dir={run_dir}", f"--wandb.group={group}",
-        f"--wandb.name={group}-{domain}-seed{seed}", "--ckpt_path=last",
-    ]
+    cmd = fit_command(configs, overrides, domain, seed, run_dir, group) + ["--ckpt_path=last"]
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
     proc = subprocess.run(cmd, env=os.environ.copy())
