@@ -34,8 +34,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dg_lightning.core.data import Augment, DomainBalancedSampler, ShardSampler, build_transform, rank_world, \
-    run_seed, seeded
+from dg_lightning.core.data import (
+    Augment,
+    DomainBalancedSampler,
+    ShardSampler,
+    build_transform,
+    rank_world,
+    run_seed,
+    seeded,
+)
 
 DOMAIN_FIELD = {"camelyon17": "hospital", "iwildcam": "location", "fmow": "region", "rxrx1": "experiment"}
 SELECTION_METRIC = {"camelyon17": "acc_avg", "iwildcam": "F1-macro_all", "fmow": "acc_worst_region",
