@@ -49,17 +49,27 @@ def pipeline_throughput(dm, backbone: str, steps: int, warmup: int) -> float:
     return per_batch * (len(t) - 1) / (t[-1] - t[0])
 
 
-def seconds_per_step(model, batch, opt: torch.optim.Optimizer, steps: int, warmup: int) -> float:
-    """Mean time of ``training_losses`` + backward + optimiser step on one in-memory batch."""
+def seconds_per_step(model, batch, opt: torch.optim.Optimizer, steps: int, warmup: int,
+                     precision: str = "32") -> float:
+    """Mean time of ``training_losses`` + backward + optimiser step on one in-memory batch, on the
+    model's device (``precision`` ``bf16``: bf16 autocast on CUDA, as ``bf16-mixed`` training)."""
+    device = next(model.parameters()).device
     x, y, d, *_ = batch
+    x = [v.to(device) for v in x] if isinstance(x, list) else x.to(device)
+    y, d = y.to(device), d.to(device)
     model.train()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     for i in range(steps + warmup):
         if i == warmup:
+            sync()
             t0 = time.perf_counter()
-        loss = model.training_losses(x, y, d)["loss"]
+        with autocast:
+            loss = model.training_losses(x, y, d)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
+    sync()
     return (time.perf_counter() - t0) / steps
 
 

@@ -21,7 +21,8 @@ import torch
 from dg_lightning.bench.speed import seconds_per_step
 
 
-def time_steps(configs: list[str], overrides: list[str], steps: int, warmup: int) -> list[dict]:
+def time_steps(configs: list[str], overrides: list[str], steps: int, warmup: int, device: str = "cpu",
+               precision: str = "32") -> list[dict]:
     from dg_lightning.cli import DGCLI
 
     rows = []
@@ -35,8 +36,11 @@ def time_steps(configs: list[str], overrides: list[str], steps: int, warmup: int
             own = next(iter(dm.train_dataloader()))
         else:
             own = batch = batch if batch is not None else next(iter(dm.train_dataloader()))
+        model.to(device)
+        model.bind_data(dm)  # caches built on the model's device (RISE's text embeddings)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        sec = seconds_per_step(model, own, opt, steps, warmup)
+        sec = seconds_per_step(model, own, opt, steps, warmup, precision)
+        model.to("cpu")
         x = own[0]
         rows.append({"config": cfg, "method": type(model).__name__, "seconds_per_step": round(sec, 3),
                      "images_per_step": len(own[1]),
@@ -52,11 +56,15 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default="bench/steptime.json")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--precision", default="32", choices=["32", "bf16"], help="bf16: autocast, as bf16-mixed")
     args, overrides = p.parse_known_args(argv)  # anything else is a CLI override, e.g. --data.root=DIR
-    rows = time_steps(args.configs, overrides, args.steps, args.warmup)
+    rows = time_steps(args.configs, overrides, args.steps, args.warmup, args.device, args.precision)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
+                                "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+                                "precision": args.precision, "rows": rows}, indent=2))
     print("| method | config | s / step | x first |\n|---|---|---:|---:|")
     for r in rows:
         print(f"| {r['method']} | {r['config']} | {r['seconds_per_step']} | {r['relative_to_first']} |")
