@@ -12,8 +12,8 @@ and the images) and owns the official splits and metrics; this module only batch
   (``domain_field``; default camelyon17 ``hospital``, iwildcam ``location``, fmow ``region``,
   rxrx1 ``experiment``), indexing ``train_domains``;
 * validation: the OOD ``val`` split (WILDS' model selection) on the official selection metric
-  (``selection_metric``: camelyon17 ``acc_avg``, iwildcam ``F1-macro_all``, fmow
-  ``acc_worst_region``, rxrx1 ``acc_avg``);
+  (``selection_metric``, the wilds examples' ``val_metric``: camelyon17 ``acc_avg``, iwildcam
+  ``F1-macro_all``, fmow ``acc_avg``, rxrx1 ``acc_avg``);
 * test: every other official split (``id_val``, ``val``, ``id_test``, ``test``, those the dataset
   has), each scored by ``dataset.eval`` (the leaderboard's numbers), logged as
   ``<stage>/<split>/official/<metric>`` and written to ``results.json`` under ``official``.
@@ -45,9 +45,10 @@ from dg_lightning.core.data import (
 )
 
 DOMAIN_FIELD = {"camelyon17": "hospital", "iwildcam": "location", "fmow": "region", "rxrx1": "experiment"}
-SELECTION_METRIC = {"camelyon17": "acc_avg", "iwildcam": "F1-macro_all", "fmow": "acc_worst_region",
-                    "rxrx1": "acc_avg"}
-IMAGE_SIZE = {"camelyon17": 96, "iwildcam": 448, "fmow": 224, "rxrx1": 256}
+# model selection as the wilds repository's examples/configs/datasets.py (val_metric); fmow selects on
+# acc_avg there, and its leaderboard metric is acc_worst_region (in results.json beside it)
+SELECTION_METRIC = {"camelyon17": "acc_avg", "iwildcam": "F1-macro_all", "fmow": "acc_avg", "rxrx1": "acc_avg"}
+IMAGE_SIZE = {"camelyon17": 96, "iwildcam": 224, "fmow": 224, "rxrx1": 256}
 LAYOUT = {
     "camelyon17": "<root>/camelyon17_v1.0/{metadata.csv, RELEASE_v1.0.txt, patches/patient_<p>_node_<n>/*.png}",
     "iwildcam": "<root>/iwildcam_v2.0/{metadata.csv, categories.csv, RELEASE_v2.0.txt, train/*.jpg}",
