@@ -110,3 +110,17 @@ def test_report_label_by_directory_and_errors(tmp_path, capsys):
     assert "training-domain validation" not in md
     assert report_main([str(tmp_path / "nothing")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_report_names_each_benchmarks_metric(tmp_path):
+    import json
+
+    from dg_lightning.eval.report import report_main
+
+    f = _result(tmp_path / "seg", "ERM", "SegmentationDG", "camvid", 0, 0.285, 0.285)
+    f.write_text(json.dumps({**json.loads(f.read_text()), "selection_metric": "val/miou"}))
+    _result(tmp_path / "pacs", "ERM", "PACS", "photo", 0, 0.9, 0.9)
+    assert report_main([str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "**SegmentationDG**, held-out mIoU (%)" in md and "**PACS**, held-out accuracy (%)" in md
+    assert "| ERM | 28.5 | 28.5 |" in md

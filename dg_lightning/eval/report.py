@@ -153,8 +153,11 @@ def report_rows(files: list[Path], label: str = "method", metric: str | None = N
                     value = (s.get("official") or {}).get(d, {}).get(metric.split("/", 1)[1])
                 else:
                     value = s["test"].get(d)
+                metric_name = metric.split("/", 1)[1] if metric else \
+                    {"acc": "accuracy", "miou": "mIoU"}.get(r.get("selection_metric", "val/acc").rsplit("/", 1)[-1],
+                                                          "accuracy")
                 rows.append({"method": name, "data": r["data"], "selection": sel, "domain": d,
-                             "seed": r.get("seed"), "acc": value, "file": str(f)})
+                             "seed": r.get("seed"), "acc": value, "file": str(f), "metric": metric_name})
     return rows, warnings
 
 
@@ -178,9 +181,10 @@ def _columns(table: dict[str, dict]) -> list[str]:
     return sorted({d for t in table.values() for d in t if d != "Avg"}) + ["Avg"]
 
 
-def report_markdown(tables: dict, metric_name: str = "accuracy") -> str:
+def report_markdown(tables: dict, metric_names: dict[str, str] | None = None) -> str:
     parts = []
     for (data, sel), table in tables.items():
+        metric_name = (metric_names or {}).get(data, "accuracy")
         cols = _columns(table)
         seeds = max((t[c][2] for t in table.values() for c in t), default=0)
         parts.append(f"**{data}**, held-out {metric_name} (%), model selection: {sel}\n")
@@ -193,12 +197,13 @@ def report_markdown(tables: dict, metric_name: str = "accuracy") -> str:
     return "\n".join(parts)
 
 
-def report_latex(tables: dict, metric_name: str = "accuracy") -> str:
+def report_latex(tables: dict, metric_names: dict[str, str] | None = None) -> str:
     def esc(s: str) -> str:
         return s.replace("_", r"\_").replace("&", r"\&").replace("%", r"\%")
 
     parts = []
     for (data, sel), table in tables.items():
+        metric_name = (metric_names or {}).get(data, "accuracy")
         cols = _columns(table)
         parts += [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "c" * len(cols) + "}", r"\toprule",
                   "Method & " + " & ".join(esc(c) for c in cols) + r" \\", r"\midrule"]
@@ -212,7 +217,7 @@ def report_latex(tables: dict, metric_name: str = "accuracy") -> str:
     return "\n".join(parts)
 
 
-def report_chart(tables: dict, path: Path, metric_name: str = "accuracy") -> Path:
+def report_chart(tables: dict, path: Path, metric_names: dict[str, str] | None = None) -> Path:
     """One panel per (benchmark, selection): bars per domain, one colour per method, ± standard error."""
     import matplotlib
 
@@ -230,7 +235,7 @@ def report_chart(tables: dict, path: Path, metric_name: str = "accuracy") -> Pat
             ax.bar(xs, [100 * t[c][0] for c in cols if c in t], width,
                    yerr=[100 * (t[c][1] or 0) for c in cols if c in t], capsize=3, label=method)
         ax.set_xticks([j + width * (len(table) - 1) / 2 for j in range(len(cols))], cols)
-        ax.set_ylabel(f"held-out {metric_name} (%)")
+        ax.set_ylabel(f"held-out {(metric_names or {}).get(data, 'accuracy')} (%)")
         ax.set_ylim(0, 100)
         ax.set_title(f"{data} — {sel}", fontsize=10)
         ax.legend(fontsize=8)
@@ -275,13 +280,13 @@ def report_main(argv: list[str]) -> int:
         print(f"warning: {len(missing)} (run, domain) value(s) missing {args.metric or 'test metric'}, left out: "
               f"e.g. {missing[0]['file']}", file=sys.stderr)
     tables = method_tables(rows)
-    name = (args.metric or "accuracy").replace("official/", "")
+    names = {r["data"]: r["metric"] for r in rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    md = report_markdown(tables, name)
+    md = report_markdown(tables, names)
     (out / "report.md").write_text(md)
-    (out / "report.tex").write_text(report_latex(tables, name))
-    report_chart(tables, out / "report.png", name)
+    (out / "report.tex").write_text(report_latex(tables, names))
+    report_chart(tables, out / "report.png", names)
     (out / "report.json").write_text(json.dumps({
         "files": [str(f) for f in files], "warnings": warnings,
         "tables": {f"{d} | {s}": {m: {c: {"mean": v[0], "se": v[1], "n": v[2]} for c, v in t.items()}
