@@ -68,3 +68,14 @@ def test_encoder_outputs_fit_the_generator():
     assert not torch.equal(sampled[0], noise[0])
     with pytest.raises(ValueError, match="noise_height"):
         MaskedNoiseEncoder(g, noise_height=2)
+
+
+def test_random_lpips_trunk_is_the_same_network_every_time():
+    from dg_lightning.methods.issa.inversion import make_lpips
+
+    torch.manual_seed(1)
+    a = make_lpips("random")
+    torch.manual_seed(2)
+    b = make_lpips("random")
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(a(x, y), b(x, y))

@@ -69,9 +69,16 @@ def quality_and_grid(encoder_ckpt: Path, val_images: list[Path], out: Path, n_gr
     content, style = x[:n_grid], x[n_grid:2 * n_grid]
     w_style, _ = invert(G, E, style)
     rows = [torch.cat([torch.ones(3, h, w), *style], dim=2)]
+    mixes = []
     for c in content:
         cells = style_mix(G, E, c.expand(n_grid, -1, -1, -1), w_style)
+        mixes.append(cells)
         rows.append(torch.cat([c, *cells], dim=2))
+    # how much each factor changes a mixed image: per-pixel std across the style columns (same
+    # content) and across the content rows (same style), averaged; ISSA wants both well above 0
+    mixes = torch.stack(mixes)  # (content, style, 3, h, w)
+    result["style_effect"] = float(mixes.std(dim=1).mean())
+    result["content_effect"] = float(mixes.std(dim=0).mean())
     grid = (torch.cat(rows, dim=1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     Image.fromarray(grid).save(out / "mixing_grid.png")
     result["grid"] = str(out / "mixing_grid.png")

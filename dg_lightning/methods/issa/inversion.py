@@ -45,7 +45,10 @@ def make_lpips(trunk: Literal["random", "pretrained", "none"], net: str = "alex"
         return None
     import lpips
 
-    model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=trunk == "random", verbose=False)
+    # the random trunk is drawn from a fixed seed: the same network in every run, so numbers compare
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=trunk == "random", verbose=False)
     return model.eval().requires_grad_(False)
 
 
