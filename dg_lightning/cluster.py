@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from dg_lightning.eval.lodo import discover_domains, fit_command
+from dg_lightning.bench import split_overrides
+from dg_lightning.eval.lodo import fit_command, resolve_experiment
 
 
 # -- SLURM --------------------------------------------------------------------------------------------
@@ -103,11 +104,7 @@ def sweep_sbatch(sweep_id: str, agents: int, count: int | None, out: Path, gpus:
 
 
 def slurm_main(argv: list[str]) -> int:
-    if "--" in argv:
-        i = argv.index("--")
-        argv, overrides = argv[:i], argv[i + 1:]
-    else:
-        overrides = []
+    argv, overrides = split_overrides(argv)
     p = argparse.ArgumentParser(prog="dg-lightning slurm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -136,14 +133,8 @@ def slurm_main(argv: list[str]) -> int:
     sweep.add_argument("--out", default="runs/sweeps/slurm")
     args = p.parse_args(argv)
     if args.what == "lodo":
-        domains, method, data = discover_domains(args.config, overrides)
-        if args.domains:
-            unknown = [d for d in args.domains if d not in domains]
-            if unknown:
-                p.error(f"unknown domain(s) {unknown}; valid domains: {domains}")
-            domains = args.domains
-        out = Path(args.out or Path("runs") / "lodo" / f"{method.lower()}-{data.lower()}").absolute()
-        group = args.name or out.name
+        domains, _, _, out, group = resolve_experiment(args, overrides, p)
+        out = out.absolute()
         text = lodo_sbatch(args.config, overrides, domains, args.seeds, out, group, args.gpus, args.cpus, args.mem,
                            args.time, args.partition, args.account, args.max_parallel, args.setup, args.sbatch)
         script = out / "slurm" / "lodo.sbatch"
@@ -222,11 +213,7 @@ def expand_command(config: dict, params: dict, python: str = sys.executable) -> 
 
 
 def sweep_trial_main(argv: list[str]) -> int:
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
-    else:
-        extra = []
+    argv, extra = split_overrides(argv)
     p = argparse.ArgumentParser(prog="dg-lightning sweep-trial", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="a W&B sweep YAML (experiments/sweeps/...)")

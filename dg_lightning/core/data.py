@@ -258,6 +258,14 @@ class MultiDomainDataModule(L.LightningDataModule):
             raise ValueError(f"every domain is held out ({held}): leave at least one source domain")
         self._splits: dict[str, dict[str, np.ndarray]] | None = None
 
+    def _missing(self, what) -> FileNotFoundError:
+        """The error for a missing path under the data root: names it, the layout and the download."""
+        msg = (f"{type(self).__name__}: expected {what} but it does not exist.\n"
+               f"  expected layout: {self.layout_hint}\n  data root given: {getattr(self, 'root', None)}")
+        if self.download_hint:
+            msg += f"\n  to get the data: {self.download_hint}"
+        return FileNotFoundError(msg)
+
     # -- what a subclass provides -------------------------------------------------------------
     def _discover(self) -> tuple[list[str], list[str]]:
         """(domain names, class names) of the whole benchmark."""

@@ -102,11 +102,6 @@ class DomainNet(MultiDomainDataModule):
                 if not path.exists():
                     raise self._missing(path)
 
-    def _missing(self, what: Path) -> FileNotFoundError:
-        return FileNotFoundError(f"DomainNet: expected {what} but it does not exist.\n  expected layout: "
-                                 f"{self.layout_hint}\n  data root given: {self.root}\n  to get the data: "
-                                 f"{self.download_hint}")
-
     def _cache_path(self) -> Path:
         candidates = [Path(self.cache_dir)] if self.cache_dir else [
             self.root / ".dg_lightning", Path(os.environ.get("DG_CACHE", "~/.cache/dg-lightning")).expanduser()]

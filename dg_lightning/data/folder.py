@@ -48,15 +48,6 @@ class ImageFolderDomains(MultiDomainDataModule):
             raise ValueError(f"{cls.__name__} needs data.root: a folder laid out as {cls.layout_hint}")
         return Path(root).expanduser()
 
-    def _missing(self, what: Path) -> FileNotFoundError:
-        msg = (
-            f"{type(self).__name__}: expected {what} but it does not exist.\n"
-            f"  expected layout: {self.layout_hint}\n  data root given: {self.root}"
-        )
-        if self.download_hint:
-            msg += f"\n  to get the data: {self.download_hint}"
-        return FileNotFoundError(msg)
-
     def _discover(self) -> tuple[list[str], list[str]]:
         if not self.root.is_dir():
             raise self._missing(self.root)

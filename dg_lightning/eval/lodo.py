@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from dg_lightning.bench import split_overrides
 from dg_lightning.eval.report import bar_chart, markdown_table
 
 
@@ -54,6 +55,20 @@ def discover_domains(configs: list[str], overrides: list[str]) -> tuple[list[str
     cli = DataOnly(args=args, run=False)
     method = cli.config["model"]["class_path"].rsplit(".", 1)[-1]
     return list(cli.datamodule.domains), method, type(cli.datamodule).__name__
+
+
+def resolve_experiment(args, overrides: list[str], parser: argparse.ArgumentParser
+                       ) -> tuple[list[str], str, str, Path, str]:
+    """(held-out domains, method, benchmark, experiment directory, W&B group) of a LODO command line
+    (``--config``, ``--domains``, ``--out``, ``--name``); an unknown domain is a parser error."""
+    domains, method, data = discover_domains(args.config, overrides)
+    if args.domains:
+        unknown = [d for d in args.domains if d not in domains]
+        if unknown:
+            parser.error(f"unknown domain(s) {unknown}; valid domains: {domains}")
+        domains = args.domains
+    out = Path(args.out or Path("runs") / "lodo" / f"{method.lower()}-{data.lower()}")
+    return domains, method, data, out, args.name or out.name
 
 
 def fit_command(configs: list[str], overrides: list[str], domain: str, seed: int, run_dir: Path | str, group: str,
@@ -110,11 +125,7 @@ def log_summary_to_wandb(rows: list[dict], table_md: str, png: Path, group: str,
 
 
 def main(argv: list[str]) -> int:
-    if "--" in argv:
-        i = argv.index("--")
-        argv, overrides = argv[:i], argv[i + 1:]
-    else:
-        overrides = []
+    argv, overrides = split_overrides(argv)
     p = argparse.ArgumentParser(prog="dg-lightning lodo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", required=True, help="experiment YAML (repeatable)")
@@ -126,14 +137,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--wandb-project", default="dg-lightning")
     args = p.parse_args(argv)
 
-    domains, method, data = discover_domains(args.config, overrides)
-    if args.domains:
-        unknown = [d for d in args.domains if d not in domains]
-        if unknown:
-            p.error(f"unknown domain(s) {unknown}; valid domains: {domains}")
-        domains = args.domains
-    out = Path(args.out or Path("runs") / "lodo" / f"{method.lower()}-{data.lower()}")
-    group = args.name or out.name
+    domains, method, data, out, group = resolve_experiment(args, overrides, p)
     overrides = overrides + [f"--wandb.mode={args.wandb_mode}", f"--wandb.project={args.wandb_project}"]
     t0 = time.time()
     records = []

@@ -70,32 +70,44 @@ def markdown_table(rows: list[dict], title: str | None = None, metric: str = "He
     return "\n".join(lines)
 
 
-def bar_chart(rows: list[dict], path: Path, title: str = "") -> Path:
-    """Per-domain bars (mean ± se) for each selection, as a PNG."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tables = per_domain_table(rows)
-    cols = sorted({r["domain"] for r in rows}) + ["Avg"]
-    fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2, 3.6))
-    width = 0.8 / max(1, len(tables))
-    for i, (sel, t) in enumerate(tables.items()):
+    return plt
+
+
+def _draw_bars(ax, series: dict[str, dict], cols: list[str], ylabel: str, title: str, title_size=None) -> None:
+    """Grouped bars on ``ax``: one group per column, one bar (mean ± se, in %) per series
+    ``{label: {column: (mean, se, n)}}``; a series without a column leaves its bar out."""
+    width = 0.8 / max(1, len(series))
+    for i, (label, t) in enumerate(series.items()):
         xs = [j + i * width for j, c in enumerate(cols) if c in t]
-        ms = [100 * t[c][0] for c in cols if c in t]
-        es = [100 * (t[c][1] or 0) for c in cols if c in t]
-        ax.bar(xs, ms, width, yerr=es, capsize=3, label=sel)
-    ax.set_xticks([j + width * (len(tables) - 1) / 2 for j in range(len(cols))], cols)
-    ax.set_ylabel("held-out accuracy (%)")
+        ax.bar(xs, [100 * t[c][0] for c in cols if c in t], width,
+               yerr=[100 * (t[c][1] or 0) for c in cols if c in t], capsize=3, label=label)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(cols))], cols)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=title_size)
     ax.legend(fontsize=8)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
+
+
+def bar_chart(rows: list[dict], path: Path, title: str = "") -> Path:
+    """Per-domain bars (mean ± se) for each selection, as a PNG."""
+    cols = sorted({r["domain"] for r in rows}) + ["Avg"]
+    fig, ax = _pyplot().subplots(figsize=(1.6 * len(cols) + 2, 3.6))
+    _draw_bars(ax, per_domain_table(rows), cols, "held-out accuracy (%)", title)
+    return _save(fig, path)
 
 
 # -- `dg-lightning report RUNS_DIR...`: many runs -> methods x domains tables ---------------------------
@@ -219,31 +231,12 @@ def report_latex(tables: dict, metric_names: dict[str, str] | None = None) -> st
 
 def report_chart(tables: dict, path: Path, metric_names: dict[str, str] | None = None) -> Path:
     """One panel per (benchmark, selection): bars per domain, one colour per method, ± standard error."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(tables)
     widest = max(len(_columns(t)) for t in tables.values())
-    fig, axes = plt.subplots(n, 1, figsize=(1.4 * widest + 2.5, 3.4 * n), squeeze=False)
+    fig, axes = _pyplot().subplots(len(tables), 1, figsize=(1.4 * widest + 2.5, 3.4 * len(tables)), squeeze=False)
     for ax, ((data, sel), table) in zip(axes[:, 0], tables.items()):
-        cols = _columns(table)
-        width = 0.8 / max(1, len(table))
-        for i, (method, t) in enumerate(table.items()):
-            xs = [j + i * width for j, c in enumerate(cols) if c in t]
-            ax.bar(xs, [100 * t[c][0] for c in cols if c in t], width,
-                   yerr=[100 * (t[c][1] or 0) for c in cols if c in t], capsize=3, label=method)
-        ax.set_xticks([j + width * (len(table) - 1) / 2 for j in range(len(cols))], cols)
-        ax.set_ylabel(f"held-out {(metric_names or {}).get(data, 'accuracy')} (%)")
-        ax.set_ylim(0, 100)
-        ax.set_title(f"{data} — {sel}", fontsize=10)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        _draw_bars(ax, table, _columns(table), f"held-out {(metric_names or {}).get(data, 'accuracy')} (%)",
+                   f"{data} — {sel}", title_size=10)
+    return _save(fig, path)
 
 
 def report_main(argv: list[str]) -> int:
