@@ -271,8 +271,8 @@ class OfficialEvaluation(L.Callback):
                 pos, pred = pl_module.all_gather(pos).flatten(0, 1), pl_module.all_gather(pred).flatten(0, 1)
                 keep = pos >= 0
                 pos, pred = pos[keep], pred[keep]
-            order = torch.argsort(pos)
-            for name, value in dm.evaluate(split, pos[order], pred[order]).items():
+            # any order: evaluate() looks the labels and metadata up by position
+            for name, value in dm.evaluate(split, pos, pred).items():
                 pl_module.log(f"{stage}/{split}/official/{name}", value, rank_zero_only=False, sync_dist=False)
 
     def on_validation_epoch_end(self, trainer, pl_module):
