@@ -9,7 +9,8 @@ each pair of domains; ``--single-test-envs``: alone only) and every ``hparams_se
 ``hparams_from..n_hparams-1``, one ``dg-lightning fit`` with
 
 * the hyperparameters of the registry (:mod:`dg_lightning.methods.hparams`): the defaults for
-  ``hparams_seed`` 0, else DomainBed's draw seeded by ``seed_hash(hparams_seed, t)``, as overrides;
+  ``hparams_seed`` 0, else DomainBed's draw seeded by ``seed_hash(hparams_seed, t)``, as overrides
+  (overrides given after ``--`` come later and win, like DomainBed's ``--hparams``);
 * ``--data.split_seed=t`` (DomainBed's split is seeded by the trial seed);
 * ``--seed_everything=seed_hash(benchmark, method, held-out indices, hparams_seed, t)``, DomainBed's
   run seed (it also builds ColoredMNIST / RotatedMNIST, whose ``shuffle_seed`` defaults to it);
@@ -84,8 +85,10 @@ def plan(configs: list[str], overrides: list[str], n_hparams: int, n_trials: int
         seed = seed_hash(data, method, indices, h, trial)
         run_dir = out / "+".join(held) / f"trial{trial}" / f"hp{h}"
         quoted = ", ".join(f"'{d}'" for d in held)
-        cmd = [python, "-m", "dg_lightning.cli", "fit", *[a for c in configs for a in ("--config", c)], *overrides,
-               *to_overrides(method, data, hparams), f"--data.test_domains=[{quoted}]", f"--data.split_seed={trial}",
+        # the registry's values, then the user's overrides (which win, as DomainBed's --hparams does)
+        cmd = [python, "-m", "dg_lightning.cli", "fit", *[a for c in configs for a in ("--config", c)],
+               *to_overrides(method, data, hparams), *overrides, f"--data.test_domains=[{quoted}]",
+               f"--data.split_seed={trial}",
                f"--seed_everything={seed}", f"--trainer.default_root_dir={run_dir}",
                f"--trainer.callbacks+={RECORDS_CALLBACK}", f"--wandb.group={out.name}",
                f"--wandb.name={out.name}-{'+'.join(held)}-trial{trial}-hp{h}"]
@@ -132,7 +135,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--n-trials", type=int, default=3, help="trial seeds 0..n-1")
     p.add_argument("--single-test-envs", action="store_true",
                    help="hold out one domain at a time only (no leave-one-domain-out selection)")
-    p.add_argument("--domains", nargs="+", default=None, help="use only these domains (default: all)")
+    p.add_argument("--domains", nargs="+", default=None,
+                   help="use only these domains (default: all); a name starting with - as --domains=-90%%")
     p.add_argument("--out", default=None, help="sweep directory (default runs/sweep/<method>-<data>)")
     p.add_argument("--dry-run", action="store_true", help="list the jobs and their states, run nothing")
     p.add_argument("--wandb-mode", default="auto", choices=["auto", "online", "offline", "disabled"])
