@@ -40,7 +40,7 @@ TABLE = {
 def write_run(root, held, trial, h, records, finished=True):
     run = root / "+".join(held) / f"trial{trial}" / f"hp{h}"
     run.mkdir(parents=True)
-    (run / "sweep.json").write_text(json.dumps({"algorithm": "ERM", "dataset": "Toy", "test_domains": held,
+    (run / "sweep_run.json").write_text(json.dumps({"algorithm": "ERM", "dataset": "Toy", "test_domains": held,
                                                 "trial_seed": trial, "hparams_seed": h, "hparams": {"lr": h}}))
     (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if finished:
@@ -127,6 +127,16 @@ def test_report_tables_name_the_criteria(tmp_path, capsys):
     assert {(c["selection"], c["seed"], c["hparams_seed"]) for c in choices} == {
         (ms.TRAINING_DOMAIN, 0, 1), (ms.TRAINING_DOMAIN, 1, 1), (ms.LEAVE_ONE_OUT, 0, 2),
         (ms.LEAVE_ONE_OUT, 1, 2), (ms.ORACLE, 0, 0), (ms.ORACLE, 1, 0)}
+
+
+def test_report_on_a_sweep_without_records_says_so(tmp_path, capsys):
+    rec = [{"step": 100, "val": {"B": .5}, "test_in": {"A": .3}, "test_out": {"A": .6}}]
+    run = write_run(tmp_path / "sweep", ["A"], 0, 0, rec, finished=False)
+    (run / "results.json").write_text(json.dumps({"selections": {}}))
+    (run / "records.jsonl").unlink()
+    assert report_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "rep")]) == 1
+    err = capsys.readouterr().err
+    assert "no records.jsonl" in err and "no finished run to tabulate" in err
 
 
 def test_unknown_criterion():

@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from dg_lightning.eval import sweep
+from dg_lightning.eval.report import report_main
 from dg_lightning.methods.hparams import to_overrides, trial_hparams
 from tests.conftest import ROOT, cli_cmd, subprocess_env
 from tests.mnist_trees import id_images, write_mnist
@@ -61,7 +62,7 @@ def test_sweep_runs_resumes_and_tabulates(tiny_mnist, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for h in (0, 1):
         run = out / "-90%" / "trial0" / f"hp{h}"
-        meta = json.loads((run / "sweep.json").read_text())
+        meta = json.loads((run / "sweep_run.json").read_text())
         assert meta["hparams"] == trial_hparams("ERM", "ColoredMNIST", h, 0) and meta["test_domains"] == ["-90%"]
         records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records] == [2, 4]  # one record per validation
@@ -71,6 +72,9 @@ def test_sweep_runs_resumes_and_tabulates(tiny_mnist, tmp_path):
     assert "leave-one-domain-out" not in md  # single held-out runs only
     choices = json.loads((out / "sweep.json").read_text())["choices"]
     assert {c["selection"] for c in choices} == {"training-domain validation set", "test-domain validation set (oracle)"}
+    # `dg-lightning report` on the sweep directory (its own sweep.json beside the runs) gives the same tables
+    assert report_main([str(out), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "report.md").read_text().strip() == md.strip()
     again = subprocess.run(cli_cmd(*own, "--dry-run", *overrides), env=subprocess_env(),
                            capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert "2 jobs: 2 done, 0 incomplete, 0 not launched." in again.stdout

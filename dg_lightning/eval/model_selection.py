@@ -2,7 +2,7 @@
 
 Follows ``domainbed/model_selection.py`` and ``domainbed/lib/reporting.py`` (Gulrajani & Lopez-Paz
 2021). The runs of a sweep (``dg-lightning sweep``) differ in hyperparameters (``hparams_seed``),
-trial seed and held-out domain(s); each run directory holds ``sweep.json`` (those coordinates and
+trial seed and held-out domain(s); each run directory holds ``sweep_run.json`` (those coordinates and
 the hyperparameters) and ``records.jsonl`` (every domain's accuracy at every checkpoint, see
 :mod:`dg_lightning.core.records`). Runs are grouped by (trial seed, benchmark, method, held-out
 domain ``t``), a run with two held-out domains belonging to the groups of both. Within a group, each
@@ -40,7 +40,7 @@ import numpy as np
 
 from dg_lightning.core.records import read_records
 
-SWEEP_FILE = "sweep.json"
+SWEEP_FILE = "sweep_run.json"
 TRAINING_DOMAIN = "training-domain validation set"
 LEAVE_ONE_OUT = "leave-one-domain-out cross-validation"
 ORACLE = "test-domain validation set (oracle)"

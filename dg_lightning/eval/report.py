@@ -284,6 +284,9 @@ def report_main(argv: list[str]) -> int:
         files += sweep_files
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
+    if not rows:
+        print(f"error: no finished run to tabulate under {args.runs} (see the warnings above)", file=sys.stderr)
+        return 1
     if args.selection:
         known = sorted({r["selection"] for r in rows})
         unknown = [s for s in args.selection if s not in known]

@@ -17,7 +17,7 @@ each pair of domains; ``--single-test-envs``: alone only) and every ``hparams_se
 * the :class:`~dg_lightning.core.records.DomainBedRecords` callback, which scores the held-out domains'
   "in" and "out" splits at every validation (the criteria's inputs).
 
-Runs go to ``<out>/<held-out>/trial<t>/hp<h>/`` with ``sweep.json`` (coordinates, hyperparameters,
+Runs go to ``<out>/<held-out>/trial<t>/hp<h>/`` with ``sweep_run.json`` (coordinates, hyperparameters,
 command). A run with ``results.json`` is done and skipped; an interrupted one resumes from its last
 checkpoint; a failed one is reported at the end and the others go on. Rerun the same command to finish
 a sweep. At the end, ``<out>/sweep.md`` and ``<out>/sweep.json`` hold the tables of DomainBed's three
