@@ -118,8 +118,13 @@ def test_missing_mnist_names_path_layout_and_download(tmp_path):
         ColoredMNIST(root=str(tmp_path))
     with pytest.raises(ValueError, match="needs data.root"):
         RotatedMNIST()
+    root = str(write_mnist(tmp_path, *id_images(30), 20))
     with pytest.raises(ValueError, match="unknown test domain"):
-        ColoredMNIST(root=str(write_mnist(tmp_path, *id_images(30), 20)), test_domains=["+70%"])
+        ColoredMNIST(root=root, test_domains=["+70%"])
+    with pytest.raises(ValueError, match="not augmented"):
+        ColoredMNIST(root=root, augment="domainbed")
+    with pytest.raises(ValueError, match="28 x 28"):
+        RotatedMNIST(root=root, image_size=64)
 
 
 def test_mnist_download_entry_uses_torchvision_and_checks_layout(tmp_path, monkeypatch):

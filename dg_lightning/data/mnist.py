@@ -64,8 +64,10 @@ class DomainBedMNIST(DomainBedSplit, MultiDomainDataModule):
         root: torchvision's MNIST folder (the one holding ``MNIST/raw``; ``$VAR`` and ``${VAR:-default}`` expanded).
         shuffle_seed: seed of the environments' construction; ``None``: the run's seed (DomainBed).
         test_split: ``in`` (DomainBed: the held-out environment's 80 % "in" split) or ``full``.
-        (everything else: see :class:`~dg_lightning.core.data.MultiDomainDataModule`; ``augment`` is
-        ignored: DomainBed does not augment these, and the images are tensors already)
+        augment: ``none`` only (DomainBed does not augment these); ``train_transform`` /
+            ``eval_transform``, if given, receive the image tensors.
+        image_size: 28 only (or unset).
+        (everything else: see :class:`~dg_lightning.core.data.MultiDomainDataModule`)
     """
 
     default_image_size = 28
@@ -73,14 +75,21 @@ class DomainBedMNIST(DomainBedSplit, MultiDomainDataModule):
     download_hint = "dg-lightning download mnist --root DIR  (torchvision's MNIST download, md5-checked)"
     CLASSES: tuple[str, ...] = ()
 
-    def __init__(self, root: str | None = None, shuffle_seed: int | None = None, test_split: str = "in", **kwargs):
+    def __init__(self, root: str | None = None, shuffle_seed: int | None = None, test_split: str = "in",
+                 augment: str = "none", image_size: int | None = None, **kwargs):
+        name = type(self).__name__
         if root is None:
-            raise ValueError(f"{type(self).__name__} needs data.root: a folder laid out as {self.layout_hint}. "
+            raise ValueError(f"{name} needs data.root: a folder laid out as {self.layout_hint}. "
                              f"To get the data: {self.download_hint}")
+        if augment != "none":
+            raise ValueError(f"{name} is not augmented (DomainBed does not augment it): leave data.augment at none, "
+                             "or give your own data.train_transform (it receives the image tensor)")
+        if image_size not in (None, 28):
+            raise ValueError(f"{name}'s images are 28 x 28 (DomainBed's): data.image_size {image_size} cannot apply; "
+                             "resize in your own data.train_transform / data.eval_transform")
         self.root, self.shuffle_seed = expand_root(root), shuffle_seed
         train_transform, eval_transform = kwargs.pop("train_transform", None), kwargs.pop("eval_transform", None)
-        kwargs["augment"] = "none"
-        super().__init__(test_split=test_split, **kwargs)
+        super().__init__(test_split=test_split, augment="none", image_size=28, **kwargs)
         # the images are built as tensors in [0, 1]; only a transform the user gives is applied
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self._env_data: dict[str, dict[str, torch.Tensor]] | None = None
