@@ -29,3 +29,4 @@ def test_speed_bench_measures_every_pipeline_in_rounds(tmp_path):
     for r in rows.values():
         assert len(r["img_per_s"]) == 2 and all(v > 0 for v in r["img_per_s"]) and r["ratio_to_compute"] > 0
     assert rows["compute"]["ratio_to_compute"] == 1.0 and rows["batched"]["ratio_to_domainbed"] > 0
+    assert result["results"][0]["batched_augmentation_in_training"] is True

@@ -100,6 +100,7 @@ class Setup:
     def __init__(self, args, method: str, backbone: str, size: int, pretrained):
         self.args, self.method, self.backbone, self.size, self.pretrained = args, method, backbone, size, pretrained
         self.cuda = args.device == "cuda"
+        self.batched_training: bool | None = None
 
     def datamodule(self, workers: int, batched: bool, steps: int):
         kw = dict(test_domains=["sketch"], batch_size=self.args.batch_size, image_size=self.size, num_workers=workers,
@@ -147,6 +148,8 @@ def pipeline_throughput(s: Setup, workers: int, batched: bool, steps: int, warmu
             enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
             callbacks=callbacks, default_root_dir=logs)
         trainer.fit(s.model(), datamodule=dm)
+    if batched:  # False if the method replaced the preset by per-sample views (then the batched row is not)
+        s.batched_training = dm.batched_training
     return s.images_per_step * steps / timer.seconds
 
 
@@ -326,7 +329,8 @@ def main(argv=None) -> int:
             rows.append(row)
         results.append({"method": s.method, "backbone": s.backbone, "image_size": s.size,
                         "pretrained": s.pretrained or False, "batch": f"{args.batch_size} x 3 source domains",
-                        "steps_timed": steps, "warmup": args.warmup, "cache_build_s": cache_seconds, "rows": rows})
+                        "steps_timed": steps, "warmup": args.warmup, "cache_build_s": cache_seconds,
+                        "batched_augmentation_in_training": s.batched_training, "rows": rows})
 
     out = {"command": "python -m dg_lightning.bench.speed " + " ".join(argv), "commit": commit(),
            "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "device": args.device,
