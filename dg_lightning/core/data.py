@@ -93,7 +93,7 @@ def seeded(seed: int):
     """Seed torch's CPU generator, NumPy and ``random`` inside the block; restore their states afterwards
     (torchvision transforms draw from torch, some of lightly's from NumPy). Only the CPU generator:
     ``torch.manual_seed`` would also queue a lazy seed for every accelerator backend, recording a
-    Python stack trace each time (about 1 ms per sample, a third of the per-sample pipeline's cost)."""
+    Python stack trace each time: in a profile, a large part of the per-sample path's cost."""
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
