@@ -16,7 +16,7 @@ ifneq ($(DG_DATA),)
 export DG_DATA
 endif
 
-.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-seg bench-issa bench-pacs-ssl bench-identifiability bench-speed bench-steptime bench-steptime-ssl lint clean
+.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-seg bench-issa bench-pacs-ssl bench-identifiability bench-speed bench-speed-cuda bench-steptime bench-steptime-ssl lint clean
 
 install: $(VENV)/.installed
 
@@ -70,9 +70,13 @@ bench-steptime-ssl: install
 	$(BIN)/python -m dg_lightning.bench.steptime --configs experiments/cpu/pacs_ssl_simclr.yaml \
 		experiments/cpu/pacs_ssl_ddm.yaml experiments/cpu/pacs_ssl_multispace.yaml --steps 5 --out bench/steptime-ssl.json
 
-## images/s of a training step: full data pipeline vs in-memory tensors
+## images/s: compute limit vs the per-sample and batched data paths vs DomainBed's loop (ERM, GCISG; CPU)
 bench-speed: install
 	$(BIN)/python -m dg_lightning.bench.speed --out bench/speed.json
+
+## the same on a CUDA GPU: ResNet-50 224 px, batch 32 x 3, bf16, worker sweep up to the cores
+bench-speed-cuda: install
+	$(BIN)/python -m dg_lightning.bench.speed --device cuda --out bench/speed-cuda.json
 
 lint: install
 	$(BIN)/ruff check dg_lightning tests

@@ -21,6 +21,11 @@ import torch
 from dg_lightning.bench.speed import seconds_per_step
 
 
+def first_batch(dm):
+    """The first training batch, finished as on the device (batched augmentation applied)."""
+    return dm.finish_batch(next(iter(dm.train_dataloader())))
+
+
 def time_steps(configs: list[str], overrides: list[str], steps: int, warmup: int, device: str = "cpu",
                precision: str = "32") -> list[dict]:
     from dg_lightning.cli import DGCLI
@@ -33,9 +38,9 @@ def time_steps(configs: list[str], overrides: list[str], steps: int, warmup: int
         dm.setup("fit")
         model.bind_data(dm)
         if model.train_views(dm.image_size) is not None:  # self-supervised methods: their own views
-            own = next(iter(dm.train_dataloader()))
+            own = first_batch(dm)
         else:
-            own = batch = batch if batch is not None else next(iter(dm.train_dataloader()))
+            own = batch = batch if batch is not None else first_batch(dm)
         model.to(device)
         model.bind_data(dm)  # caches built on the model's device (RISE's text embeddings)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)

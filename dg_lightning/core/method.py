@@ -196,10 +196,21 @@ class DGMethod(L.LightningModule):
         views = self.train_views(getattr(dm, "image_size", 224))
         if views is not None:
             dm.train_transform = views  # data loaders are built after setup, so they use it
+        preset = getattr(dm, "batch_preset", None)
+        batch_views = self.batch_views(preset) if preset is not None else None
+        if batch_views is not None:
+            dm.batch_transform = batch_views
 
     def train_views(self, image_size: int):
         """A per-sample training transform that replaces the data module's augmentation preset, e.g.
         one returning several views (self-supervised methods); ``None`` keeps the data module's."""
+        return None
+
+    def batch_views(self, preset):
+        """When the data module augments on batches (``data.batch_augment``): a
+        :class:`~dg_lightning.core.augment.BatchAugment` to use instead of its ``preset`` (e.g.
+        ``BatchViews([preset, style, style])``: ``x`` then arrives as a list of views, made on the
+        device from the same stored images); ``None`` keeps the preset."""
         return None
 
     def train(self, mode: bool = True):
