@@ -102,7 +102,8 @@ def style_pairs(n: int, seed: int = 0) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_inverter(invert: Callable, synthesize: Callable, gen_size: tuple[int, int], images: torch.Tensor,
                       labels: torch.Tensor | None = None, segment: Callable | None = None, lpips=None,
-                      n_grid: int = 4, seed: int = 0, batch: int = 16, grid_path: Path | str | None = None) -> dict:
+                      n_grid: int = 4, seed: int = 0, batch: int = 16, grid_path: Path | str | None = None,
+                      num_classes: int = 19) -> dict:
     """Every measurement of the module docstring.
 
     Args:
@@ -112,6 +113,7 @@ def evaluate_inverter(invert: Callable, synthesize: Callable, gen_size: tuple[in
             ``labels``, enables the layout measurements.
         lpips: an ``lpips.LPIPS`` module (inputs in [-1, 1]) or ``None``.
         grid_path: where to write the grid PNG (top row: styles; left column: contents).
+        num_classes: classes of the segmenter's mIoU (19 Cityscapes train ids, 255 ignored).
     """
     n = len(images)
     partner = style_pairs(n, seed)
@@ -142,7 +144,7 @@ def evaluate_inverter(invert: Callable, synthesize: Callable, gen_size: tuple[in
             preds["recon"].append(segment(_resize(recon[sl], size).clamp(0, 1), label_size))
             preds["mix"].append(segment(_resize(mixes[sl], size).clamp(0, 1), label_size))
         ys = list(labels.split(batch))
-        scores = {k: miou(v, ys) for k, v in preds.items()}
+        scores = {k: miou(v, ys, num_classes) for k, v in preds.items()}
         result.update({f"miou_{k}": v for k, v in scores.items()})
         result["layout_kept"] = scores["mix"] / max(scores["real"], 1e-12)
         result["recon_layout_kept"] = scores["recon"] / max(scores["real"], 1e-12)
@@ -167,3 +169,30 @@ def save_grid(grid: torch.Tensor, contents: torch.Tensor, styles: torch.Tensor, 
     rows += [torch.cat([c, *cells], dim=2) for c, cells in zip(contents, grid, strict=True)]
     img = (torch.cat(rows, dim=1).permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
     Image.fromarray(img).save(path)
+
+
+def segmenter_from_checkpoint(path: Path | str, method: str = "dg_lightning.methods.ERM") -> Callable:
+    """``segment(x, label_size)`` of a segmentation checkpoint written by ``dg-lightning fit`` with the
+    ``DGMethod`` class ``method`` (e.g. ``make bench-seg``'s ERM): whole-image inference at the label's
+    resolution."""
+    import importlib
+
+    module, name = method.rsplit(".", 1)
+    model = getattr(importlib.import_module(module), name).load_from_checkpoint(str(path), map_location="cpu").eval()
+
+    @torch.no_grad()
+    def segment(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return model.predict_full(x, size).argmax(1)
+
+    return segment
+
+
+def cityscapes_val(root: Path | str, image_suffix: str = "_leftImg8bit.jpg", max_images: int | None = None):
+    """(images (N, 3, H, W) uint8, labels (N, H, W) long train ids) of a Cityscapes val split."""
+    from dg_lightning.data import Cityscapes
+
+    data = Cityscapes(str(root), split="val", image_suffix=image_suffix, max_samples=max_images)
+    pairs = [data[i] for i in range(len(data))]
+    images = torch.stack([torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im, _ in pairs])
+    labels = torch.stack([torch.from_numpy(np.ascontiguousarray(y)).long() for _, y in pairs])
+    return images, labels

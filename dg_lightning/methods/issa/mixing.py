@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dg_lightning.core.data import stable_seed
+from dg_lightning.data.segmentation.base import expand_root
 from dg_lightning.methods.issa.inversion import load_inverter
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -79,7 +80,7 @@ def load_folder_images(folder: str | Path, max_images: int | None = None) -> tor
     """Every image of ``folder`` (recursively, sorted) as [0, 1] tensors at a common size."""
     from PIL import Image
 
-    paths = sorted(p for p in Path(folder).expanduser().rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = sorted(p for p in expand_root(str(folder)).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder} for ISSA exemplars")
     if max_images and len(paths) > max_images:
@@ -156,7 +157,8 @@ class ISSAStyleMixing(L.Callback):
     Args:
         encoder_ckpt: an ISSA stage-2 checkpoint (generator + encoder EMA).
         prob: probability that a training sample is replaced by a mix.
-        exemplars: a folder of style images (extra-source); ``None``: styles of the source's training images.
+        exemplars: a folder of style images (extra-source; ``~``, ``$VAR``, ``${VAR:-default}`` expanded);
+            ``None``: styles of the source's training images.
         max_exemplars: exemplars kept (evenly spaced over the sorted folder).
         proxy_validation: also score a re-styled copy of the source validation set (see module docstring).
     """
