@@ -89,7 +89,8 @@ def test_segmentation_trains_on_cuda_in_bf16(name, tmp_path):
         gan = StyleGAN2(size=(32, 64), w_dim=16, n_mlp=2, channel_base=64, channel_max=32)
         for module, ckpt in ((gan, "gan.ckpt"), (None, "enc.ckpt")):
             if module is None:
-                module = NoiseEncoderTraining(str(tmp_path / "gan.ckpt"), noise_height=8, channels=8)
+                module = NoiseEncoderTraining(str(tmp_path / "gan.ckpt"), noise_height=8, channels=8, backbone="compact",
+                                              d_ndf=8, mask_patch=2, r1_every=1, lpips_net="alex")
             t = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=2, logger=False,
                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
             t.fit(module, images)
