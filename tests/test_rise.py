@@ -110,8 +110,9 @@ def test_fit_initialises_the_classifier_from_text(tmp_path):
 
 
 def _prompts(rise, monkeypatch, **options):
-    """The sentences encoded for classes (dog, alarm_clock) and sources (art_painting, cartoon)."""
-    for k, v in {"readable_names": False, "anchor_names": None, **options}.items():
+    """The sentences encoded for classes (dog, alarm_clock) and sources (art_painting, cartoon), with
+    the model's defaults changed by ``options``."""
+    for k, v in options.items():
         monkeypatch.setitem(rise.hparams, k, v)
     calls = []
     real = rise.encode_text
@@ -131,7 +132,7 @@ def test_prompts_write_names_as_the_data_gives_them(rise, monkeypatch):
     calls = _prompts(rise, monkeypatch, readable_names=True)
     assert calls[0] == ["itap of a dog.", "itap of a alarm clock."]
     assert calls[len(TEMPLATES)] == ["a art painting of a dog", "a art painting of a alarm clock"]
-    calls = _prompts(rise, monkeypatch, anchor_names=["bright photo", "dark photo", "good photo"])
+    calls = _prompts(rise, monkeypatch, readable_names=False, anchor_names=["bright photo", "dark photo", "good photo"])
     assert [c[0] for c in calls[len(TEMPLATES):]] == ["a bright photo of a dog", "a dark photo of a dog",
                                                       "a good photo of a dog"]
 

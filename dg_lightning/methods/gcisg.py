@@ -40,8 +40,9 @@ Deliberate differences:
   official code (the data module's ``augment`` preset is replaced, as for the self-supervised methods);
 * the queue's enqueue wraps around (the official one assumes the queue size is a multiple of the
   gathered batch);
-* options (official defaults): ``randaugment: torchvision`` (torchvision's stock table),
-  ``ema_before_step: false`` (EMA after the optimiser step), ``symmetric: false``.
+* options that leave the official code (defaults: the official behaviour): ``randaugment:
+  torchvision`` (torchvision's stock op table), ``ema_before_step: false`` (EMA after the optimiser
+  step, from the updated weights), ``symmetric: false`` (the official single call).
 
 Segmentation (``task: segmentation``; the official repository has no segmentation code): the same
 losses on the DeepLabV3+ encoder's stages, CE per pixel (ignore 255) on the logits of ``x2``; the
@@ -288,7 +289,11 @@ class GCISG(DGMethod):
         return StyleViews(augment, finish)
 
     def style_views(self, x) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x1, x2) of a training batch: the two views the data loader made (:meth:`train_views`)."""
+        """(x1, x2) of a training batch: the two views the data loader made (:meth:`train_views`).
+
+        The one place where the step gets its views: another way of making them (e.g. batched on
+        the accelerator from a single image batch, with :meth:`train_views` then returning the data
+        module's own transform) plugs in here, behind an option; the loader path stays the default."""
         if isinstance(x, (list, tuple)) and len(x) == 2:
             return x[0], x[1]
         raise ValueError(
