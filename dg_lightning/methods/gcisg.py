@@ -136,8 +136,9 @@ class GCISGRandAugment(v2.RandAugment):
     m/30 (torchvision: always), translations are m/30 * 100 pixels whatever the image size
     (torchvision: m/30 * 150/331 of the side, truncated to whole pixels), Posterize keeps
     8 - int(7 m/30) bits (torchvision: 8 - round(4 m/30)), Solarize inverts pixels >= 256 - 256 m/30
-    (torchvision: >= 255 - 255 m/30). On PIL images every op gives, pixel for pixel, the PIL
-    operation the official code calls with the official parameters.
+    (torchvision: >= 255 - 255 m/30; at the default m = 6 both invert 8-bit values >= 205, and
+    Posterize keeps 7 bits in both). On PIL images every op gives, pixel for pixel, the PIL
+    operation the official code calls with the official parameters (``tests/test_gcisg.py``).
     """
 
     _AUGMENTATION_SPACE = {
