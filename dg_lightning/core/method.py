@@ -192,18 +192,33 @@ class DGMethod(L.LightningModule):
 
     def bind_data(self, dm) -> None:
         """What the method takes from (or gives to) the data module before training; called by
-        ``setup`` and by tools that run training steps without a Trainer (``bench.steptime``)."""
+        ``setup`` and by tools that run training steps without a Trainer (``bench.steptime``).
+
+        Gives the data module :meth:`train_views` (data loaders are built after setup, so they use
+        it): a classification data module's ``train_transform``, a segmentation data module's
+        ``image_views``."""
         views = self.train_views(getattr(dm, "image_size", 224))
         if views is not None:
-            dm.train_transform = views  # data loaders are built after setup, so they use it
+            if getattr(dm, "task", "classification") != "segmentation":
+                dm.train_transform = views
+            elif hasattr(dm, "image_views"):
+                dm.image_views = views
+            else:
+                raise TypeError(f"{type(self).__name__} makes its own training views, but {type(dm).__name__} "
+                                "has no `image_views` to take them (see SegmentationDG)")
         preset = getattr(dm, "batch_preset", None)
         batch_views = self.batch_views(preset) if preset is not None else None
         if batch_views is not None:
             dm.batch_transform = batch_views
 
     def train_views(self, image_size: int):
-        """A per-sample training transform that replaces the data module's augmentation preset, e.g.
-        one returning several views (self-supervised methods); ``None`` keeps the data module's."""
+        """A per-sample training transform made in the data loader (seeded per sample), e.g. one
+        returning several views (self-supervised methods, GCISG); ``None`` keeps the data module's.
+
+        Classification: it replaces the data module's augmentation preset and takes the loaded image.
+        Segmentation: it follows the data module's paired image/label augmentation and takes the
+        augmented (H, W, 3) uint8 image, so it must leave pixels in place (photometric only); the
+        label is untouched. It returns a [0, 1] float tensor (3, H, W) or a list of them."""
         return None
 
     def batch_views(self, preset):
