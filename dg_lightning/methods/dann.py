@@ -101,6 +101,8 @@ class DANN(ManualUpdates, DGMethod):
 
     def training_losses(self, x: torch.Tensor, y: torch.Tensor, domain: torch.Tensor) -> dict[str, torch.Tensor]:
         z = self.encode(x)
+        if not z.requires_grad:  # a frozen featuriser: the penalty still needs d/dz
+            z = z.detach().requires_grad_()
         d_logits = self.discriminator(z)
         disc_ce = F.cross_entropy(d_logits, domain)
         input_grad = torch.autograd.grad(F.cross_entropy(d_logits, domain, reduction="sum"), [z], create_graph=True)[0]
