@@ -21,7 +21,7 @@ from dg_lightning.methods.sagnet import randomize
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 
-D, K, DOMAINS, PER = 2, 3, 3, 4  # feature size, classes, source domains, samples per domain
+D, K, DOMAINS, PER = 2, 3, 4, 4  # feature size, classes, source domains (4: K(K-1)/2 != K), samples per domain
 
 
 def batch(seed: int = 0):
@@ -167,7 +167,7 @@ def test_vrex_loss_by_hand():
 class Balanced(L.LightningDataModule):
     """The batch of :func:`batch`, ``steps`` times per epoch, as ``(x, y, domain)``."""
 
-    train_domains = ["a", "b", "c"]
+    train_domains = ["a", "b", "c", "d"]
 
     def __init__(self, steps: int = 3):
         super().__init__()
@@ -219,7 +219,7 @@ def test_mixup_objective_by_hand():
     x, y, d = batch(6)
     model = linear(M.Mixup)
     parts = per_domain(x, y, d)
-    pairs, lams = [(2, 0), (0, 1), (1, 2)], [0.3, 0.9, 0.55]
+    pairs, lams = [(2, 0), (0, 3), (3, 1), (1, 2)], [0.3, 0.9, 0.55, 0.7]
     expected = 0.0
     for (i, j), lam in zip(pairs, lams):
         (xi, yi), (xj, yj) = parts[i], parts[j]
