@@ -466,8 +466,8 @@ def test_mixstyle_on_the_segmentation_encoder():
     model.eval()
     ref = model(x)
     model.train()
-    for m in model.modules():  # only MixStyle may differ between modes
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+    for m in model.modules():  # only MixStyle may differ between modes (not BatchNorm, not ASPP's dropout)
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout)):
             m.eval()
     assert not torch.allclose(model(x), ref)
 
