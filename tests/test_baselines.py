@@ -441,9 +441,9 @@ def test_mix_style_by_hand():
 
 def test_mixstyle_after_the_chosen_stages_only_in_training():
     torch.manual_seed(0)
-    x = torch.rand(4, 3, 32, 32)
+    x = torch.rand(4, 3, 32, 32) * torch.tensor([0.1, 1.0, 0.5, 0.3]).view(4, 1, 1, 1)
     plain = M.ERM(num_classes=K, backbone="resnet10t")
-    mixed = M.ERM(num_classes=K, backbone="resnet10t", mixstyle_stages=[1, 2], mixstyle_p=1.0)
+    mixed = M.ERM(num_classes=K, backbone="resnet10t", mixstyle_stages=[1, 2], mixstyle_p=1.0, mixstyle_alpha=5.0)
     mixed.load_state_dict(plain.state_dict())  # no new parameters: same state dict
     plain.eval(), mixed.eval()
     assert torch.equal(plain(x), mixed(x))
@@ -461,8 +461,9 @@ def test_mixstyle_after_the_chosen_stages_only_in_training():
 
 def test_mixstyle_on_the_segmentation_encoder():
     torch.manual_seed(0)
-    model = M.ERM(num_classes=K, backbone="resnet10t", task="segmentation", mixstyle_stages=[1], mixstyle_p=1.0)
-    x = torch.rand(2, 3, 64, 64)
+    model = M.ERM(num_classes=K, backbone="resnet10t", task="segmentation", mixstyle_stages=[1], mixstyle_p=1.0,
+                  mixstyle_alpha=5.0)  # lam near 0.5: a visible mix (alpha 0.1 draws lam near 0 or 1)
+    x = torch.rand(4, 3, 64, 64) * torch.tensor([0.1, 1.0, 0.5, 0.3]).view(4, 1, 1, 1)  # four different styles
     model.eval()
     ref = model(x)
     model.train()

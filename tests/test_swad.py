@@ -117,34 +117,35 @@ class StepWeights(L.Callback):
 
 
 def test_swad_callback_averages_every_step_of_the_chosen_segments(tmp_path):
-    """One step per segment (validation after every step). With n_converge = n_tolerance = 1 and a
+    """Two steps per segment (validation every 2 of 8 steps). With n_converge = n_tolerance = 1 and a
     threshold that is never crossed, the official rules converge at segment 0 and average every later
-    segment, the first one's weights being overwritten by the first update: swad.ckpt must hold the
-    mean of the weights after steps 1..S-1, and the live model keeps the last step's weights."""
+    segment (equal lengths, so every step weighs the same), the first one's weights being overwritten by
+    the first update: swad.ckpt must hold the mean of the weights after steps 2..7, and the live model
+    keeps the last step's weights."""
     from dg_lightning.data import SyntheticShapes
     from dg_lightning.methods import ERM
 
     L.seed_everything(0, verbose=False)
-    dm = SyntheticShapes(per_class=6, test_domains=["sketch"], batch_size=2, steps_per_epoch=3, image_size=32,
+    dm = SyntheticShapes(per_class=6, test_domains=["sketch"], batch_size=2, steps_per_epoch=4, image_size=32,
                          split_seed=0)
     model = ERM(num_classes=dm.num_classes, backbone="resnet10t", optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
     swad = SWAD(n_converge=1, n_tolerance=1, tolerance_ratio=1e9, bn_steps=0)
     rec = StepWeights()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, val_check_interval=1, logger=False, callbacks=[rec, swad],
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, val_check_interval=2, logger=False, callbacks=[rec, swad],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)
     steps = len(rec.weights)
-    assert steps == 6 and len(rec.losses) == 6
+    assert steps == 8 and len(rec.losses) == 4
     saved = torch.load(swad.checkpoint_path, weights_only=False)["state_dict"]
     for k in rec.weights[0]:
-        want = torch.stack([w[k] for w in rec.weights[1:]]).mean(0)
+        want = torch.stack([w[k] for w in rec.weights[2:]]).mean(0)
         assert torch.allclose(saved[k], want, atol=1e-6), k
     live = dict(model.named_parameters())
     assert all(torch.equal(live[k].detach(), v) for k, v in rec.weights[-1].items())
     info = swad.info()
-    assert (info["start_step"], info["end_step"], info["n_averaged"]) == (1, steps - 1, steps - 1)
-    assert info["converged"] and info["converge_step"] == 0
+    assert (info["start_step"], info["end_step"], info["n_averaged"]) == (2, 7, 3)
+    assert info["converged"] and info["converge_step"] == 1
 
 
 def test_swad_explains_a_missing_validation_loss():
