@@ -207,3 +207,31 @@ def test_swad_selection_in_results_json_through_the_cli(tmp_path, fake_pacs):
     assert 0 <= swad["test"]["art_painting"] <= 1 and set(swad["in_domain"]) == {"cartoon", "photo", "sketch"}
     assert swad["n_averaged"] >= 1 and 0 <= swad["start_step"] <= swad["end_step"] <= 3
     assert swad["batchnorm_layers_recomputed"] > 0 and swad["bn_steps"] == 25
+
+
+def test_swad_on_segmentation(tmp_path):
+    """The same callback on a segmentation run: the per-pixel validation loss drives the valley, the
+    averaged DeepLabV3+ gets its BatchNorm statistics recomputed and is scored per target as `swad`."""
+    from dg_lightning.core.callbacks import BestCheckpoint, LastCheckpoint
+    from dg_lightning.core.selection import evaluate_selections
+    from dg_lightning.data import Cityscapes, SegmentationDG
+    from dg_lightning.methods import ERM
+    from tests.seg_trees import write_cityscapes
+
+    cs = write_cityscapes(tmp_path / "cs", split="train", n=6, h=64, w=64)
+    write_cityscapes(tmp_path / "cs", split="val", n=2, h=64, w=64)
+    L.seed_everything(0, verbose=False)
+    dm = SegmentationDG(source=Cityscapes(root=str(cs), split="train"), targets=[Cityscapes(root=str(cs), split="val")],
+                        holdout_fraction=0.34, crop_size=32, batch_size=2, eval_batch_size=2, steps_per_epoch=4)
+    model = ERM(num_classes=19, backbone="resnet10t", decoder_channels=16, task="segmentation")
+    swad = SWAD(n_converge=1, n_tolerance=1, tolerance_ratio=1e9, bn_steps=2)
+    ckpts = [BestCheckpoint(tmp_path / "ckpt", monitor="val/miou"), LastCheckpoint(tmp_path / "ckpt")]
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, val_check_interval=2, logger=False, callbacks=[*ckpts, swad],
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])
+    assert swad.info()["n_averaged"] == 1 and swad.info()["batchnorm_layers_recomputed"] > 0
+    record = evaluate_selections(trainer, model, dm, None)
+    entry = record["selections"]["swad"]
+    assert 0 <= entry["test"]["cityscapes"] <= 1 and len(entry["per_class_iou"]["cityscapes"]) == 19
