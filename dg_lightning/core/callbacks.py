@@ -98,6 +98,13 @@ class LastCheckpoint(ModelCheckpoint):
         self.saved_step = trainer.global_step
         super()._save_checkpoint(trainer, filepath)
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "saved_step": self.saved_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.saved_step = state_dict.get("saved_step")
+
 
 class ExtraSelection(L.Callback):
     """A callback that yields a model of its own to report beside the checkpoint selections (SWAD's
