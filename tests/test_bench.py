@@ -13,3 +13,15 @@ def test_steptime_compares_methods_on_the_same_batch(tmp_path):
     assert rc == 0 and [r["method"] for r in rows] == ["ERM", "ERM"]
     assert rows[0]["relative_to_first"] == 1.0 and rows[0]["images_per_step"] == 6
     assert all(r["seconds_per_step"] > 0 for r in rows)
+
+
+def test_every_bench_pacs_table_has_its_yaml():
+    from dg_lightning.bench.pacs import DEFAULT_OUT, SUITES
+
+    assert list(SUITES["baselines"].values()) == ["experiments/cpu/pacs_erm_lite0.yaml",
+                                                  "experiments/cpu/pacs_coral_lite0.yaml",
+                                                  "experiments/cpu/pacs_erm_swad_lite0.yaml"]
+    assert set(DEFAULT_OUT) == set(SUITES)
+    for tables in SUITES.values():
+        for cfg in tables.values():
+            assert (ROOT / cfg).is_file(), cfg
