@@ -20,8 +20,8 @@ Python's ``random`` (both are reseeded every step here); the domain-label varian
 which assumes a batch made of two single-domain halves) is not provided.
 
 The layer is a forward hook on the stage module (no parameters, so state dicts and pretrained
-weights are unchanged); it reads the stage's own ``training`` flag, so it is off in evaluation and
-follows the module through ``deepcopy`` (e.g. an EMA teacher).
+weights are unchanged); it reads the stage's own ``training`` flag, so it is off in evaluation. A
+``deepcopy`` of the backbone carries the hook along (GCISG's EMA teacher, in training mode, mixes too).
 """
 
 from __future__ import annotations
