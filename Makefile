@@ -16,7 +16,7 @@ ifneq ($(DG_DATA),)
 export DG_DATA
 endif
 
-.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-seg bench-issa bench-pacs-ssl bench-identifiability bench-speed bench-speed-cuda bench-steptime bench-steptime-ssl lint clean
+.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-pacs-baselines bench-seg bench-issa bench-pacs-ssl bench-identifiability bench-speed bench-speed-cuda bench-steptime bench-steptime-ssl lint clean
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,10 @@ bench-pacs: install
 ## ERM vs RISE vs GCISG on real PACS, pretrained lite0 at 96 px, same schedule and seeds
 bench-pacs-methods: install
 	$(BIN)/python -m dg_lightning.bench.pacs --suite methods --seeds $(SEEDS) --out bench/pacs-methods
+
+## DomainBed baselines: ERM vs CORAL vs ERM + SWAD on real PACS, pretrained lite0 at 96 px, same schedule and seeds
+bench-pacs-baselines: install
+	$(BIN)/python -m dg_lightning.bench.pacs --suite baselines --seeds $(SEEDS) --out bench/pacs-baselines
 
 ## segmentation DG: ERM vs GCISG, DeepLabV3+ lite0, real Cityscapes -> Cityscapes val, CamVid, CamVid dusk
 bench-seg: install

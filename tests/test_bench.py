@@ -58,3 +58,15 @@ def test_steptime_gives_gcisg_the_two_views_its_loader_made(tmp_path, monkeypatc
     erm_x, gcisg_x = timed[0][0], timed[1][0]
     assert isinstance(erm_x, torch.Tensor) and isinstance(gcisg_x, list) and len(gcisg_x) == 2
     assert gcisg_x[0].shape == erm_x.shape and not torch.equal(gcisg_x[0], gcisg_x[1])
+
+
+def test_every_bench_pacs_table_has_its_yaml():
+    from dg_lightning.bench.pacs import DEFAULT_OUT, SUITES
+
+    assert list(SUITES["baselines"].values()) == ["experiments/cpu/pacs_erm_lite0.yaml",
+                                                  "experiments/cpu/pacs_coral_lite0.yaml",
+                                                  "experiments/cpu/pacs_erm_swad_lite0.yaml"]
+    assert set(DEFAULT_OUT) == set(SUITES)
+    for tables in SUITES.values():
+        for cfg in tables.values():
+            assert (ROOT / cfg).is_file(), cfg
