@@ -179,7 +179,7 @@ def format_matrix(result: dict, key: str) -> str:
 
 
 def provenance(argv: list[str]) -> dict:
-    """The command, the commit (``-dirty`` with uncommitted changes) and the machine of this run."""
+    """The command, the commit (``-dirty`` with uncommitted changes to the package) and the machine of this run."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
@@ -188,7 +188,7 @@ def provenance(argv: list[str]) -> dict:
             return ""
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
+    if git("status", "--porcelain", "--untracked-files=no", "--", str(Path(__file__).parents[1])):
         commit += "-dirty"
     return {
         "command": " ".join(["python -m dg_lightning.bench.identifiability", *argv]), "commit": commit,
