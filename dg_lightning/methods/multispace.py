@@ -43,8 +43,8 @@ Misalignment (what dual ascent constrains; official ``inv_constraint_loss`` of e
 ``update_lambdas``): ``lambda_i <- max(0, lambda_i + lr * (a_i - tolerance))`` after each step.
 
 Under DDP the views are gathered across ranks with gradients (lightly's ``gather``, the official
-``FullGatherLayer``), so the loss summed over ranks and the averaged gradients equal one process on
-the global batch.
+``FullGatherLayer``), so the mean of the ranks' losses and DDP's averaged gradients equal one
+process on the global batch (``tests/test_ddp_equality.py``).
 
 Deliberate differences from the official code:
 
@@ -53,7 +53,8 @@ Deliberate differences from the official code:
   ranks, so the statistics are per real view (the official single-GPU result) on any world size.
 * The misalignment is averaged over DDP ranks before the dual step (officially each rank updates
   its own lambdas from its local value, so they can drift apart).
-* The lambda step size is constant (official: a warm-up + cosine schedule of ``base_lr_lambda``).
+* The lambda step size is constant (official: a warm-up + cosine schedule of ``base_lr_lambda``);
+  the default tolerance is 0.1 (official ``--tolerance`` 0). Dual ascent is off by default in both.
 * One backbone/projector pass over all views of the same size (official: one per view, so batch
   norm statistics per view); the projector is lightly's SimCLR head (official: ``Projector`` with a
   bias-free last layer). Images reach the model in [0, 1] and are normalised there.
