@@ -17,7 +17,7 @@ ifneq ($(DG_DATA),)
 export DG_DATA
 endif
 
-.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-mnist bench-mnist-paper bench-seg bench-issa bench-pacs-ssl bench-identifiability bench-speed bench-steptime bench-steptime-ssl lint clean
+.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-pacs-baselines bench-mnist bench-mnist-paper bench-seg bench-issa bench-pacs-ssl bench-identifiability bench-speed bench-speed-cuda bench-steptime bench-steptime-ssl lint clean
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,10 @@ bench-mnist: install
 bench-mnist-paper: install
 	$(BIN)/python -m dg_lightning.bench.mnist --scale paper --methods ERM --seeds 0 1 2 --out bench/mnist-paper
 
+## DomainBed baselines: ERM vs CORAL vs ERM + SWAD on real PACS, pretrained lite0 at 96 px, same schedule and seeds
+bench-pacs-baselines: install
+	$(BIN)/python -m dg_lightning.bench.pacs --suite baselines --seeds $(SEEDS) --out bench/pacs-baselines
+
 ## segmentation DG: ERM vs GCISG, DeepLabV3+ lite0, real Cityscapes -> Cityscapes val, CamVid, CamVid dusk
 bench-seg: install
 	$(BIN)/python -m dg_lightning.bench.seg --seeds $(SEEDS) --out bench/seg
@@ -79,9 +83,13 @@ bench-steptime-ssl: install
 	$(BIN)/python -m dg_lightning.bench.steptime --configs experiments/cpu/pacs_ssl_simclr.yaml \
 		experiments/cpu/pacs_ssl_ddm.yaml experiments/cpu/pacs_ssl_multispace.yaml --steps 5 --out bench/steptime-ssl.json
 
-## images/s of a training step: full data pipeline vs in-memory tensors
+## images/s: compute limit vs the per-sample and batched data paths vs DomainBed's loop (ERM, GCISG; CPU)
 bench-speed: install
 	$(BIN)/python -m dg_lightning.bench.speed --out bench/speed.json
+
+## the same on a CUDA GPU: ResNet-50 224 px, batch 32 x 3, bf16, worker sweep up to the cores
+bench-speed-cuda: install
+	$(BIN)/python -m dg_lightning.bench.speed --device cuda --out bench/speed-cuda.json
 
 lint: install
 	$(BIN)/ruff check dg_lightning tests

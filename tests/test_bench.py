@@ -1,5 +1,8 @@
 import json
 
+import torch
+
+from dg_lightning.bench import steptime
 from dg_lightning.bench.steptime import main as steptime_main
 from tests.conftest import ROOT
 
@@ -13,6 +16,60 @@ def test_steptime_compares_methods_on_the_same_batch(tmp_path):
     assert rc == 0 and [r["method"] for r in rows] == ["ERM", "ERM"]
     assert rows[0]["relative_to_first"] == 1.0 and rows[0]["images_per_step"] == 6
     assert all(r["seconds_per_step"] > 0 for r in rows)
+
+
+def test_speed_bench_measures_every_pipeline_in_rounds(tmp_path):
+    from dg_lightning.bench.speed import main as speed_main
+
+    out = tmp_path / "speed.json"
+    rc = speed_main(["--root", str(tmp_path / "no-pacs"), "--methods", "erm", "--models", "resnet10t@32",
+                     "--workers", "0", "--rounds", "2", "--steps", "1", "--warmup", "0", "--batch-size", "2",
+                     "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert rc == 0 and result["commit"] and result["machine"]["cores"] and "bench.speed" in result["command"]
+    rows = {r["pipeline"]: r for r in result["results"][0]["rows"]}
+    assert set(rows) == {"compute", "per-sample", "batched", "domainbed"}
+    for r in rows.values():
+        assert len(r["img_per_s"]) == 2 and all(v > 0 for v in r["img_per_s"]) and r["ratio_to_compute"] > 0
+    assert rows["compute"]["ratio_to_compute"] == 1.0 and rows["batched"]["ratio_to_domainbed"] > 0
+    assert result["results"][0]["batched_augmentation_in_training"] is True
+
+
+def test_steptime_gives_gcisg_the_two_views_its_loader_made(tmp_path, monkeypatch):
+    """GCISG's step is timed on the batch its own loader made (two RandAugment views per image, the
+    data module's augmentation replaced), ERM's on the preset's; both exclude loading, and the
+    loader's time per batch is reported for each."""
+    demo = ROOT / "experiments/demo/erm.yaml"
+    gcisg = tmp_path / "gcisg.yaml"
+    gcisg.write_text(demo.read_text().replace(
+        "class_path: dg_lightning.methods.ERM\n  init_args:\n",
+        "class_path: dg_lightning.methods.GCISG\n  init_args:\n    queue_size: 32\n    emb_dim: 8\n"))
+    timed = []
+    real = steptime.seconds_per_step
+    monkeypatch.setattr(steptime, "seconds_per_step", lambda model, batch, *a: timed.append(batch) or real(model, batch, *a))
+    out = tmp_path / "steptime.json"
+    rc = steptime_main(["--configs", str(demo), str(gcisg), "--steps", "1", "--warmup", "0", "--out", str(out),
+                        "--loader-batches", "1", "--data.per_class=4", "--data.batch_size=2",
+                        "--model.backbone=resnet10t"])
+    rows = json.loads(out.read_text())["rows"]
+    assert rc == 0 and [r["method"] for r in rows] == ["ERM", "GCISG"]
+    assert [r["views_per_image"] for r in rows] == [1, 2] and rows[1]["images_per_step"] == 6
+    assert all(r["loader_seconds_per_batch"] > 0 for r in rows)
+    erm_x, gcisg_x = timed[0][0], timed[1][0]
+    assert isinstance(erm_x, torch.Tensor) and isinstance(gcisg_x, list) and len(gcisg_x) == 2
+    assert gcisg_x[0].shape == erm_x.shape and not torch.equal(gcisg_x[0], gcisg_x[1])
+
+
+def test_every_bench_pacs_table_has_its_yaml():
+    from dg_lightning.bench.pacs import DEFAULT_OUT, SUITES
+
+    assert list(SUITES["baselines"].values()) == ["experiments/cpu/pacs_erm_lite0.yaml",
+                                                  "experiments/cpu/pacs_coral_lite0.yaml",
+                                                  "experiments/cpu/pacs_erm_swad_lite0.yaml"]
+    assert set(DEFAULT_OUT) == set(SUITES)
+    for tables in SUITES.values():
+        for cfg in tables.values():
+            assert (ROOT / cfg).is_file(), cfg
 
 
 def test_bench_mnist_runs_lodo_per_method_and_puts_published_numbers_beside(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ import pytest
 
 from dg_lightning.eval import sweep
 from dg_lightning.eval.report import report_main
-from dg_lightning.methods.hparams import to_overrides, trial_hparams
+from dg_lightning.eval.sweep import trial_hparams
+from dg_lightning.methods.hparams import as_overrides, default_hparams, random_hparams
 from tests.conftest import ROOT, cli_cmd, subprocess_env
 from tests.mnist_trees import id_images, write_mnist
 
@@ -31,6 +32,14 @@ def test_held_out_sets_as_domainbed():
         sweep.held_out_sets(2, single=False)
 
 
+def test_trial_hparams_as_domainbeds_train_script():
+    assert trial_hparams("ERM", "ColoredMNIST", 0, 4) == default_hparams("ERM", "ColoredMNIST")
+    assert trial_hparams("CORAL", "PACS", 3, 1) == random_hparams("CORAL", "PACS", md5_seed(3, 1))
+    drawn = trial_hparams("ERM", "ColoredMNIST", 1, 0)  # resnet_dropout 0.5 for this draw
+    assert drawn["model.dropout"] == 0.5 and "model.dropout" not in sweep.applied("ColoredMNIST", drawn)
+    assert sweep.applied("PACS", drawn) == drawn
+
+
 def test_plan_covers_the_grid_with_domainbeds_seeds(tiny_mnist, tmp_path):
     out, jobs = sweep.plan([CMNIST], [f"--data.root={tiny_mnist}"], n_hparams=3, n_trials=2, hparams_from=1,
                            out=tmp_path / "sw")
@@ -41,11 +50,12 @@ def test_plan_covers_the_grid_with_domainbeds_seeds(tiny_mnist, tmp_path):
     hparams = trial_hparams("ERM", "ColoredMNIST", 2, 1)
     assert job["meta"]["hparams"] == hparams and job["meta"]["test_envs"] == [0, 2]
     cmd = job["command"]
-    for arg in [*to_overrides("ERM", "ColoredMNIST", hparams), "--data.test_domains=['+90%', '-90%']",
+    for arg in [*as_overrides(sweep.applied("ColoredMNIST", hparams)), "--data.test_domains=['+90%', '-90%']",
                 "--data.split_seed=1", f"--seed_everything={md5_seed('ColoredMNIST', 'ERM', [0, 2], 2, 1)}",
                 "--trainer.callbacks+=dg_lightning.core.records.DomainBedRecords"]:
         assert arg in cmd, arg
-    with pytest.raises(KeyError, match="no hyperparameter registry entry for 'GCISG'"):
+    assert not any(a.startswith("--model.dropout") for a in cmd)  # DomainBed's MNIST CNN has no dropout
+    with pytest.raises(ValueError, match="no hyperparameters registered for 'GCISG'"):
         sweep.plan([CMNIST], [f"--data.root={tiny_mnist}", "--model.class_path=dg_lightning.methods.GCISG"], 2, 1)
 
 

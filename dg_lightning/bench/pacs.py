@@ -1,6 +1,6 @@
 """Leave-one-domain-out on real PACS on the CPU: `make bench-pacs` and `make bench-pacs-methods`.
 
-    python -m dg_lightning.bench.pacs [--suite erm|methods|ssl] [--root DIR] [--seeds 0 1] [--out DIR] [-- CLI overrides]
+    python -m dg_lightning.bench.pacs [--suite erm|methods|ssl|baselines] [--root DIR] [--seeds 0 1] [--out DIR] [-- CLI overrides]
 
 Overrides after ``--`` reach every run (e.g. ``-- --trainer.accelerator=gpu --data.num_workers=8``).
 
@@ -11,6 +11,9 @@ Suite ``methods`` (`make bench-pacs-methods`): ERM, RISE and GCISG, all on the p
 Suite ``ssl`` (`make bench-pacs-ssl`): SimCLR, SimCLR + DDM and multi-space style disentanglement,
 pre-trained from scratch on the source domains at 64 px, judged by linear probes (in-domain and
 held-out accuracy).
+Suite ``baselines`` (`make bench-pacs-baselines`): ERM, CORAL and ERM + SWAD on the pretrained lite0 at
+96 px with the schedule of ``erm``'s lite0 table (SWAD validating every 5 of the 125 steps; its run also
+reports ERM's own selections).
 Writes ``<out>/bench_pacs.json`` (every table, per-run numbers, wall times) and ``<out>/bench_pacs.md``.
 """
 
@@ -36,13 +39,19 @@ SUITES = {
         "rise-lite0-96px": "experiments/cpu/pacs_rise_lite0.yaml",
         "gcisg-lite0-96px": "experiments/cpu/pacs_gcisg_lite0.yaml",
     },
+    "baselines": {
+        "erm-lite0-96px": "experiments/cpu/pacs_erm_lite0.yaml",
+        "coral-lite0-96px": "experiments/cpu/pacs_coral_lite0.yaml",
+        "erm-swad-lite0-96px": "experiments/cpu/pacs_erm_swad_lite0.yaml",
+    },
     "ssl": {
         "simclr-resnet18-64px": "experiments/cpu/pacs_ssl_simclr.yaml",
         "simclr-ddm-resnet18-64px": "experiments/cpu/pacs_ssl_ddm.yaml",
         "multispace-resnet18-64px": "experiments/cpu/pacs_ssl_multispace.yaml",
     },
 }
-DEFAULT_OUT = {"erm": "bench/pacs", "methods": "bench/pacs-methods", "ssl": "bench/pacs-ssl"}
+DEFAULT_OUT = {"erm": "bench/pacs", "methods": "bench/pacs-methods", "ssl": "bench/pacs-ssl",
+               "baselines": "bench/pacs-baselines"}
 
 
 def find_pacs_root(root: str | None) -> Path:
