@@ -125,6 +125,8 @@ def test_missing_mnist_names_path_layout_and_download(tmp_path):
         ColoredMNIST(root=root, augment="domainbed")
     with pytest.raises(ValueError, match="28 x 28"):
         RotatedMNIST(root=root, image_size=64)
+    with pytest.raises(ValueError, match="cache_images do not apply"):
+        ColoredMNIST(root=root, cache_images=True)
 
 
 def test_mnist_download_entry_uses_torchvision_and_checks_layout(tmp_path, monkeypatch):

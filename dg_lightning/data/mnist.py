@@ -87,6 +87,9 @@ class DomainBedMNIST(DomainBedSplit, MultiDomainDataModule):
         if image_size not in (None, 28):
             raise ValueError(f"{name}'s images are 28 x 28 (DomainBed's): data.image_size {image_size} cannot apply; "
                              "resize in your own data.train_transform / data.eval_transform")
+        if kwargs.get("batch_augment") or kwargs.get("cache_images"):
+            raise ValueError(f"{name} is built in memory as tensors and not augmented: data.batch_augment and "
+                             "data.cache_images do not apply")
         self.root, self.shuffle_seed = expand_root(root), shuffle_seed
         train_transform, eval_transform = kwargs.pop("train_transform", None), kwargs.pop("eval_transform", None)
         super().__init__(test_split=test_split, augment="none", image_size=28, **kwargs)
