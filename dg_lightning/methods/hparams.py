@@ -20,22 +20,18 @@ official release's (p 0.5, alpha 0.1) and its search the release's registered va
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from dg_lightning.core.seeding import seed_hash
 
 SMALL_IMAGES = ("Debug28", "RotatedMNIST", "ColoredMNIST")
 METHODS = ("ERM", "CORAL", "MMD", "DANN", "IRM", "VREx", "GroupDRO", "Mixup", "SagNet", "Fish", "MixStyle")
 
 LR = "model.optimizer.init_args.lr"
 WEIGHT_DECAY = "model.optimizer.init_args.weight_decay"
-
-
-def seed_hash(*args) -> int:
-    """DomainBed's ``misc.seed_hash``: an integer seed from the ``str`` of the arguments."""
-    return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2**31)
 
 
 @dataclass(frozen=True)
