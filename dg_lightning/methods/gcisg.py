@@ -266,7 +266,7 @@ def op_parameters(name: str, magnitude: float, height: int, width: int) -> list[
         matrix = _get_inverse_affine_matrix([width * 0.5, height * 0.5], 0.0, shift, 1.0, [0.0, 0.0])
     elif name == "Rotate":
         matrix = batch_ops.pil_rotate_matrix(magnitude, width, height)
-    if name in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):
+    if name in GEOMETRIC_OPS:
         return [float(v) for v in batch_ops.pil_affine_coefficients(matrix, width, height)]
     value = {"Posterize": float(int(magnitude)), "Solarize": 255.0 * magnitude}.get(name, 1.0 + magnitude)
     return [value, 0.0, 0.0, 0.0, 0.0, 0.0]
@@ -316,7 +316,7 @@ class GCISGStyleBatch(BatchAugment):
 
 def apply_op(name: str, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Op ``name`` on uint8 images (N, 3, H, W) with each sample's parameters ``p`` (N, 6) (:func:`op_parameters`)."""
-    if name in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):
+    if name in GEOMETRIC_OPS:
         return batch_ops.affine_nearest(x, p)
     if name in _BLENDS:
         return _BLENDS[name](x, p[:, 0])
