@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from dg_lightning.bench import steptime
@@ -35,26 +36,43 @@ def test_speed_bench_measures_every_pipeline_in_rounds(tmp_path):
     assert result["results"][0]["batched_augmentation_in_training"] is True
 
 
-def test_steptime_gives_gcisg_the_two_views_its_loader_made(tmp_path, monkeypatch):
+def test_speed_bench_runs_gcisg_with_views_in_the_loader_and_on_the_batch(tmp_path):
+    from dg_lightning.bench.speed import main as speed_main
+
+    out = tmp_path / "speed.json"
+    rc = speed_main(["--root", str(tmp_path / "no-pacs"), "--methods", "gcisg", "--models", "resnet10t@32",
+                     "--workers", "0", "--rounds", "1", "--gcisg-steps", "1", "--warmup", "0", "--batch-size", "2",
+                     "--out", str(out)])
+    result = json.loads(out.read_text())["results"][0]
+    assert rc == 0 and {r["pipeline"] for r in result["rows"]} == {"compute", "per-sample", "batched"}
+    assert all(r["median_img_per_s"] > 0 for r in result["rows"])
+    assert result["batched_augmentation_in_training"] is True  # the batched row made its views on the batch
+    assert result["views_on"] == {"compute": "batch", "per-sample": "loader", "batched": "batch"}
+
+
+@pytest.mark.parametrize("views_on", ["loader", "batch"])
+def test_steptime_gives_gcisg_the_two_views_its_loader_made(tmp_path, monkeypatch, views_on):
     """GCISG's step is timed on the batch its own loader made (two RandAugment views per image, the
-    data module's augmentation replaced), ERM's on the preset's; both exclude loading, and the
-    loader's time per batch is reported for each."""
+    data module's augmentation replaced; or made on the batch, ``views_on: batch``), ERM's on the
+    preset's; both exclude loading, and the loader's time per batch is reported for each."""
     demo = ROOT / "experiments/demo/erm.yaml"
     gcisg = tmp_path / "gcisg.yaml"
     gcisg.write_text(demo.read_text().replace(
         "class_path: dg_lightning.methods.ERM\n  init_args:\n",
-        "class_path: dg_lightning.methods.GCISG\n  init_args:\n    queue_size: 32\n    emb_dim: 8\n"))
+        f"class_path: dg_lightning.methods.GCISG\n  init_args:\n    queue_size: 32\n    emb_dim: 8\n"
+        f"    views_on: {views_on}\n"))
+    batched = ["--data.batch_augment=true", "--data.cache_images=true"] if views_on == "batch" else []
     timed = []
     real = steptime.seconds_per_step
     monkeypatch.setattr(steptime, "seconds_per_step", lambda model, batch, *a: timed.append(batch) or real(model, batch, *a))
     out = tmp_path / "steptime.json"
     rc = steptime_main(["--configs", str(demo), str(gcisg), "--steps", "1", "--warmup", "0", "--out", str(out),
                         "--loader-batches", "1", "--data.per_class=4", "--data.batch_size=2",
-                        "--model.backbone=resnet10t"])
+                        "--model.backbone=resnet10t", *batched])
     rows = json.loads(out.read_text())["rows"]
     assert rc == 0 and [r["method"] for r in rows] == ["ERM", "GCISG"]
     assert [r["views_per_image"] for r in rows] == [1, 2] and rows[1]["images_per_step"] == 6
-    assert all(r["loader_seconds_per_batch"] > 0 for r in rows)
+    assert all(r["loader_seconds_per_batch"] > 0 for r in rows), rows
     erm_x, gcisg_x = timed[0][0], timed[1][0]
     assert isinstance(erm_x, torch.Tensor) and isinstance(gcisg_x, list) and len(gcisg_x) == 2
     assert gcisg_x[0].shape == erm_x.shape and not torch.equal(gcisg_x[0], gcisg_x[1])

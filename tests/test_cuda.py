@@ -135,3 +135,48 @@ def test_batched_augmentation_on_cuda_matches_the_cpu_and_trains_channels_last()
                         enable_model_summary=False, callbacks=[Look(), ChannelsLast()])
     trainer.fit(build("ERM"), datamodule=SyntheticShapes(**kw))
     assert seen and all(s == ("cuda", torch.float32, True) for s in seen)
+
+
+def test_gcisg_batched_views_on_cuda_equal_the_per_image_official_ops():
+    """``views_on: batch`` on the GPU: every op, bit for bit the per-image Pillow op on the same seed (the
+    device's float32/float64 arithmetic rounds as the CPU's), and a bf16 fit whose views reach the model
+    made on the GPU."""
+    import numpy as np
+    from PIL import Image
+    from torch.utils.data import default_collate
+
+    from dg_lightning.core.augment import to_float
+    from dg_lightning.core.data import seeded
+    from dg_lightning.methods.gcisg import BATCH_OPS, GCISGRandAugment, GCISGStyleBatch
+
+    rs = np.random.RandomState(0)
+    for magnitude, num_ops, side in ((6, 1, 32), (17, 2, 224)):
+        style = GCISGStyleBatch(side, num_ops, magnitude)
+        images = [rs.randint(lo, lo + 120, (side, side, 3), dtype=np.uint8) for lo in rs.randint(0, 136, 160)]
+        seeds = [int(v) for v in rs.randint(0, 2**31 - 1, len(images))]
+        batch = default_collate([style.prepare(im, (side, side), seed) for im, seed in zip(images, seeds)])
+        batch["plan"] = style.plan(batch)
+        views = style(L.fabric.utilities.apply_func.move_data_to_device(batch, torch.device("cuda")))
+        assert views.device.type == "cuda"
+        assert {BATCH_OPS[int(k)] for k in batch["ops"][..., 0].flatten()} == set(BATCH_OPS)
+        reference = GCISGRandAugment(num_ops, magnitude)
+        for j, (im, seed) in enumerate(zip(images, seeds)):
+            with seeded(seed):
+                want = to_float(torch.from_numpy(np.array(reference(Image.fromarray(im)))).permute(2, 0, 1))
+            assert torch.equal(views[j].cpu(), want), (magnitude, j, batch["ops"][j, :, 0].tolist())
+
+    seen = []
+
+    class Look(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append([(v.device.type, tuple(v.shape)) for v in batch[0]])
+
+    dm = SyntheticShapes(per_class=8, test_domains=["cartoon"], batch_size=4, steps_per_epoch=2, split_seed=0,
+                         image_size=32, augment="none", batch_augment=True, cache_images=True)
+    from dg_lightning.methods import GCISG
+
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False,
+                        enable_model_summary=False, callbacks=[Look()])
+    trainer.fit(GCISG(queue_size=64, emb_dim=16, views_on="batch", **SMALL), datamodule=dm)
+    assert seen and all(s == [("cuda", (12, 3, 32, 32))] * 2 for s in seen)

@@ -2,7 +2,8 @@
 
 * per-domain metrics (accuracy per source and held-out domain) and WILDS' official metrics per split;
 * the GCISG queue: every rank holds the same queue, and it holds the same keys as the single
-  process's (the keys of both ranks' halves of the global batch);
+  process's (the keys of both ranks' halves of the global batch), with the views made in the loader
+  and on the batch (``views_on: batch``);
 * DDM's pseudo-domains (k-means on rank 0, broadcast): the single process's labels on every rank;
 * RISE's cached class and anchor text embeddings: the single process's on every rank;
 * the multi-space losses (SimCLR and VICReg multi-head, with the content-space terms): the loss
@@ -82,6 +83,15 @@ model = GCISG(num_classes=dm.num_classes, backbone="resnet10t", queue_size=64, e
 model.teacher.eval()  # Lightning keeps each submodule's mode: keys independent of the batch
 trainer(max_steps=1, limit_val_batches=0).fit(model, datamodule=dm)
 save("gcisg", {f"queue{i}": (q.embeddings.detach().clone(), int(q.ptr)) for i, q in enumerate(model.queues)})
+
+# 3b. the same with the views made on the batch (views_on: batch, the batched data path)
+L.seed_everything(0)
+dm = data(batch_augment=True, cache_images=True, augment="none")
+model = GCISG(num_classes=dm.num_classes, backbone="resnet10t", queue_size=64, emb_dim=8, views_on="batch")
+model.teacher.eval()
+trainer(max_steps=1, limit_val_batches=0).fit(model, datamodule=dm)
+assert dm.batched_training
+save("gcisg_batch", {f"queue{i}": (q.embeddings.detach().clone(), int(q.ptr)) for i, q in enumerate(model.queues)})
 
 # 4. DDM pseudo-domains
 L.seed_everything(0)
@@ -178,8 +188,9 @@ def test_wilds_official_metrics_equal_one_process(runs):
 
 
 @pytest.mark.slow
-def test_gcisg_queue_is_shared_and_holds_every_ranks_keys(runs):
-    one, (r0, r1) = _load(runs, "gcisg")
+@pytest.mark.parametrize("views", ["gcisg", "gcisg_batch"], ids=["views-in-loader", "views-on-batch"])
+def test_gcisg_queue_is_shared_and_holds_every_ranks_keys(runs, views):
+    one, (r0, r1) = _load(runs, views)
     for name, (q1, ptr1) in one.items():
         (qa, pa), (qb, pb) = r0[name], r1[name]
         assert torch.equal(qa, qb) and pa == pb  # every rank holds the same queue

@@ -6,17 +6,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
+from torch.utils.data import default_collate
 
+from dg_lightning.core.augment import BatchViews, to_float
+from dg_lightning.core.callbacks import StepSeed
+from dg_lightning.core.data import seeded, stable_seed
 from dg_lightning.data import SyntheticShapes
 from dg_lightning.methods.gcisg import (
+    BATCH_OPS,
     GCISG,
     EmbeddingQueue,
     GCISGPhotometricRandAugment,
     GCISGRandAugment,
+    GCISGStyleBatch,
     StyleViews,
+    apply_op,
     attention_pool,
     ema_update,
     guidance_loss,
+    op_parameters,
     relational_ci_loss,
 )
 
@@ -258,3 +266,98 @@ def test_ema_update_before_or_after_the_optimiser_step(before, tmp_path):
         for a, b, s in zip(xi_next, xi_prev, theta, strict=True):
             assert torch.allclose(a, 0.5 * b + 0.5 * s, atol=1e-6)
 
+
+
+# -- views_on: batch: the official ops on the batch's device, from each sample's seed ----------------
+def _per_image(aug: GCISGRandAugment, image: np.ndarray, seed: int) -> torch.Tensor:
+    """The per-image official op as the loader path runs it: on the PIL image, torch's generator at ``seed``."""
+    with seeded(seed):
+        out = aug(Image.fromarray(image))
+    return to_float(torch.from_numpy(np.array(out)).permute(2, 0, 1))
+
+
+def test_every_batched_op_at_every_magnitude_equals_the_per_image_op():
+    """op_parameters + apply_op on a batch whose samples carry m = 0..30 with both signs, against
+    GCISGRandAugment's own op on the same (op, signed magnitude): bit for bit."""
+    rs = np.random.RandomState(0)
+    aug = GCISGRandAugment(1, 6)
+    for h, w in ((24, 24), (17, 30)):
+        images = [rs.randint(lo, lo + 140, (h, w, 3), dtype=np.uint8) for lo in rs.randint(0, 116, 62)]
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        for name in sorted(set(BATCH_OPS) - {"Identity", "AutoContrast", "Equalize"}):  # those two: no magnitude
+            magnitudes, signed = aug._AUGMENTATION_SPACE[name]
+            values = [float(magnitudes(31, h, w)[m]) * s for m in range(31) for s in ((1, -1) if signed else (1,))]
+            params = torch.tensor([op_parameters(name, v, h, w) for v in values], dtype=torch.float64)
+            out = apply_op(name, x[:len(values)].clone(), params).permute(0, 2, 3, 1).numpy()
+            for j, v in enumerate(values):
+                want = aug._apply_image_or_video_transform(Image.fromarray(images[j]), name, v,
+                                                           interpolation=aug.interpolation, fill=aug._fill)
+                assert np.array_equal(out[j], np.asarray(want)), (name, v, (h, w))
+
+
+@pytest.mark.parametrize("magnitude,num_ops", [(6, 1), (17, 2)])
+def test_batched_views_equal_the_per_image_official_ops_on_the_same_seed(magnitude, num_ops):
+    """Each sample's batched view is the per-image GCISGRandAugment on the same image, under the same
+    seed: the same ops drawn, each applied as the per-image op applies it."""
+    rs = np.random.RandomState(magnitude)
+    h, w = 20, 28  # not square: width and height kept apart
+    style = GCISGStyleBatch(h, num_ops, magnitude)
+    images = [rs.randint(lo, lo + 120, (h, w, 3), dtype=np.uint8) for lo in rs.randint(0, 136, 160)]
+    seeds = [int(v) for v in rs.randint(0, 2**31 - 1, len(images))]
+    batch = default_collate([style.prepare(im, (h, w), seed) for im, seed in zip(images, seeds)])
+    batch["plan"] = style.plan(batch)
+    views = style(batch)
+    assert {BATCH_OPS[int(k)] for k in batch["ops"][..., 0].flatten()} == set(BATCH_OPS)  # every op drawn
+    reference = GCISGRandAugment(num_ops, magnitude)
+    for j, (im, seed) in enumerate(zip(images, seeds)):
+        assert torch.equal(views[j], _per_image(reference, im, seed)), (j, batch["ops"][j, :, 0].tolist())
+
+
+def test_views_on_batch_through_the_data_module():
+    dm = _shapes(batch_augment=True, cache_images=True, augment="none")
+    m = _tiny(views_on="batch")
+    m.bind_data(dm)
+    assert dm.batched_training and isinstance(dm.batch_transform, BatchViews)
+    assert m.train_views(32) is None
+    loader = dm.train_dataloader()
+    x1, x2 = dm.finish_batch(next(iter(loader)))[0]
+    assert x1.shape == x2.shape == (6, 3, 32, 32) and x1.dtype == torch.float32 and not torch.equal(x1, x2)
+    again = dm.finish_batch(next(iter(dm.train_dataloader())))[0]
+    assert torch.equal(again[0], x1) and torch.equal(again[1], x2)  # seeded per sample
+    # view v of a sample: the official per-image op on its stored image, under the seed BatchViews gives view v
+    reference = GCISGRandAugment(1, 6)
+    for j, key in enumerate(list(loader.sampler)[:6]):
+        stored = loader.dataset[key][0]["views"][0]["image"].numpy()
+        for v, view in enumerate((x1, x2)):
+            assert torch.equal(view[j], _per_image(reference, stored, stable_seed(key[1], v)))
+
+
+def test_views_on_batch_needs_the_batched_data_path_and_the_official_table():
+    with pytest.raises(ValueError, match="batch_augment: true"):
+        _tiny(views_on="batch").bind_data(_shapes())
+    with pytest.raises(ValueError, match="views_on: loader"):
+        _tiny(views_on="batch", randaugment="torchvision")
+
+
+def test_views_on_batch_resumes_exactly(tmp_path):
+    """Two epochs in one run equal one epoch, a checkpoint and a resumed second epoch (student, EMA
+    teacher and queues), with the views made on the batch."""
+
+    def fit(epochs, ckpt=None):
+        L.seed_everything(0)
+        m = _tiny(views_on="batch")
+        dm = SyntheticShapes(per_class=4, test_domains=["sketch"], batch_size=2, steps_per_epoch=2, split_seed=0,
+                             image_size=32, batch_augment=True, cache_images=True, augment="none")
+        trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                            limit_val_batches=0, default_root_dir=tmp_path, callbacks=[StepSeed()])
+        trainer.fit(m, datamodule=dm, ckpt_path=ckpt)
+        return trainer, m
+
+    full = fit(2)[1].state_dict()
+    first, _ = fit(1)
+    first.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed = fit(2, tmp_path / "epoch1.ckpt")[1].state_dict()
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k

@@ -12,6 +12,8 @@ For each method and backbone@size, in interleaved rounds (so that ratios survive
   and per-step reseeding (as ``dg-lightning fit``);
 * ``batched``: the same with the new path: images read from the decoded-image cache, crop in the
   loader, colour augmentation on the batch's device (``batch_augment: true, cache_images: true``);
+  for GCISG the two RandAugment views are made on the batch's device too (``views_on: batch``),
+  where ``per-sample`` makes them in the loader (``views_on: loader``, the default);
 * ``domainbed`` (ERM only): a plain PyTorch loop doing what ``domainbed/scripts/train.py`` does per
   step: one infinite loader per source domain (``InfiniteDataLoader``: random sampling with
   replacement, ``num_workers`` each), torchvision's PIL transforms per image (DomainBed's
@@ -22,7 +24,9 @@ Rows give images/s per round, the median, the median ratio to the same round's c
 for ``batched`` the median ratio to ``domainbed`` at the same worker count. Each round runs the
 measurements in the opposite order of the previous one. ``--device cuda``: ResNet-50 at 224 px,
 batch 32 x 3, bf16 autocast (``bf16-mixed``), channels-last, a worker sweep up to the machine's cores.
-Without PACS it writes the embedded shapes as 96 px JPEGs into a temporary folder.
+Without PACS it writes the embedded shapes as 96 px JPEGs into a temporary folder. GCISG's data module
+uses ``augment: none`` (its views replace the preset), so the cache holds the training-size copy its
+batched views read.
 Writes JSON with the command, the commit and the machine; prints a table.
 """
 
@@ -104,18 +108,20 @@ class Setup:
 
     def datamodule(self, workers: int, batched: bool, steps: int):
         kw = dict(test_domains=["sketch"], batch_size=self.args.batch_size, image_size=self.size, num_workers=workers,
-                  split_seed=0, steps_per_epoch=steps + 2, batch_augment=batched, cache_images=batched)
+                  split_seed=0, steps_per_epoch=steps + 2, batch_augment=batched, cache_images=batched,
+                  augment="none" if self.method == "gcisg" else "domainbed")
         if self.args.pacs:
             return PACS(root=self.args.root, **kw)
         return ImageFolderDomains(root=self.args.root, **kw)
 
-    def model(self):
+    def model(self, batched: bool = True):
+        """The method; GCISG with its views made on the batch (``batched``) or in the loader."""
         from dg_lightning.methods import ERM, GCISG
 
         kw = dict(num_classes=7 if self.args.pacs else 6, backbone=self.backbone, pretrained=self.pretrained,
                   optimizer=lambda p: torch.optim.Adam(p, lr=1e-4))
         if self.method == "gcisg":
-            return GCISG(queue_size=4096, **kw)
+            return GCISG(queue_size=4096, views_on="batch" if batched else "loader", **kw)
         return ERM(**kw)
 
     @property
@@ -127,6 +133,7 @@ def compute_throughput(s: Setup, steps: int, warmup: int) -> float:
     dm = s.datamodule(0, True, steps)
     dm.prepare_data()
     model = s.model()
+    model.bind_data(dm)  # a method's own views (GCISG's two) are part of the batch
     device = torch.device("cuda" if s.cuda else "cpu")
     model.to(device)
     if s.cuda:
@@ -147,7 +154,7 @@ def pipeline_throughput(s: Setup, workers: int, batched: bool, steps: int, warmu
             logger=L.pytorch.loggers.CSVLogger(logs), log_every_n_steps=5, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
             callbacks=callbacks, default_root_dir=logs)
-        trainer.fit(s.model(), datamodule=dm)
+        trainer.fit(s.model(batched), datamodule=dm)
     if batched:  # False if the method replaced the preset by per-sample views (then the batched row is not)
         s.batched_training = dm.batched_training
     return s.images_per_step * steps / timer.seconds
@@ -327,10 +334,13 @@ def main(argv=None) -> int:
                 row["ratio_to_domainbed"] = round(statistics.median(
                     v / d for v, d in zip(vals, rounds[("domainbed", w)])), 3)
             rows.append(row)
-        results.append({"method": s.method, "backbone": s.backbone, "image_size": s.size,
-                        "pretrained": s.pretrained or False, "batch": f"{args.batch_size} x 3 source domains",
-                        "steps_timed": steps, "warmup": args.warmup, "cache_build_s": cache_seconds,
-                        "batched_augmentation_in_training": s.batched_training, "rows": rows})
+        res = {"method": s.method, "backbone": s.backbone, "image_size": s.size,
+               "pretrained": s.pretrained or False, "batch": f"{args.batch_size} x 3 source domains",
+               "steps_timed": steps, "warmup": args.warmup, "cache_build_s": cache_seconds,
+               "batched_augmentation_in_training": s.batched_training, "rows": rows}
+        if s.method == "gcisg":
+            res["views_on"] = {"compute": "batch", "per-sample": "loader", "batched": "batch"}
+        results.append(res)
 
     out = {"command": "python -m dg_lightning.bench.speed " + " ".join(argv), "commit": commit(),
            "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "device": args.device,

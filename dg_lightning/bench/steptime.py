@@ -80,7 +80,8 @@ def time_steps(configs: list[str], overrides: list[str], steps: int, warmup: int
         model, dm = cli.model, cli.datamodule
         dm.setup("fit")
         model.bind_data(dm)  # methods with their own views hand them to the data module, as in fit
-        if model.train_views(dm.image_size) is not None:  # views made per sample in the loader (SSL, GCISG)
+        batch_views = getattr(dm, "batch_transform", None) is not getattr(dm, "batch_preset", None)
+        if model.train_views(dm.image_size) is not None or batch_views:  # its own views: loader or batch (GCISG)
             own = first_batch(dm)
         else:
             own = batch = batch if batch is not None else first_batch(dm)
@@ -94,7 +95,7 @@ def time_steps(configs: list[str], overrides: list[str], steps: int, warmup: int
         rows.append({"config": cfg, "method": type(model).__name__, "seconds_per_step": round(sec, 3),
                      "images_per_step": len(own[1]),
                      "views_per_image": len(x) if isinstance(x, list) else 1,
-                     "loader_seconds_per_batch": None if loader_sec is None else round(loader_sec, 3),
+                     "loader_seconds_per_batch": None if loader_sec is None else round(loader_sec, 5),
                      "num_workers": getattr(dm, "num_workers", 0)})
     for r in rows:
         r["relative_to_first"] = round(r["seconds_per_step"] / rows[0]["seconds_per_step"], 2)

@@ -17,7 +17,9 @@ Followed: the official code, GCISG/GCISG (``model/siamese_net.py``: ``SiameseNet
 
 * the two views are made per sample by the data loader (``TwoCropsTransform`` over
   ``RandAugment(1, 6)``), here through :meth:`GCISG.train_views`, seeded per sample like every
-  augmentation of this project; the training step receives ``[x1, x2]``;
+  augmentation of this project; the training step receives ``[x1, x2]``. Option ``views_on: batch``
+  makes the same ops on the batch's device instead (:class:`GCISGStyleBatch`: each op equal, image
+  for image, to the per-image one on the same parameters), from the data module's decoded images;
 * the RandAugment op table is the official one (:class:`GCISGRandAugment`): AutoContrast and
   Equalize act with probability m/30, translations are absolute (m/30 * 100 px), Posterize keeps
   8 - int(7 m/30) bits, Solarize inverts pixels >= 256 - 256 m/30; one op drawn with replacement;
@@ -54,8 +56,9 @@ translate or rotate), so that both views stay aligned with the label map.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -63,8 +66,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
+from torchvision.transforms.functional import _get_inverse_affine_matrix  # what v2's affine hands Pillow
 from torchvision.transforms.v2.functional import to_pil_image
 
+from dg_lightning.core import randaugment as batch_ops
+from dg_lightning.core.augment import BatchAugment, BatchViews, to_float
 from dg_lightning.core.data import build_transform
 from dg_lightning.core.method import DGMethod
 
@@ -159,6 +165,29 @@ class GCISGRandAugment(v2.RandAugment):
         """m / 30: the official magnitude as a fraction of its range."""
         return self.magnitude / (self.num_magnitude_bins - 1)
 
+    def draw(self, generator: torch.Generator, height: int, width: int) -> list[tuple[str, float]]:
+        """The ops and signed magnitudes that :meth:`forward` applies when torch's generator is in the
+        state of ``generator``, drawn in forward's order (op, sign, AutoContrast's and Equalize's m/30
+        coin); an op that leaves the image as it is (a coin that says no, Solarize at m = 0) comes back
+        as ``Identity``. The batched views (:class:`GCISGStyleBatch`) draw with it."""
+        names = tuple(self._AUGMENTATION_SPACE)
+        ops = []
+        for _ in range(self.num_ops):
+            name = names[int(torch.randint(len(names), (), generator=generator))]
+            magnitudes_fn, signed = self._AUGMENTATION_SPACE[name]
+            magnitudes = magnitudes_fn(self.num_magnitude_bins, height, width)
+            magnitude = 0.0
+            if magnitudes is not None:
+                magnitude = float(magnitudes[self.magnitude])
+                if signed and torch.rand((), generator=generator) <= 0.5:
+                    magnitude *= -1
+            if name in ("AutoContrast", "Equalize") and not float(torch.rand((), generator=generator)) <= self.level:
+                name = "Identity"
+            if name == "Solarize" and magnitude * 255.0 > 255.0:
+                name = "Identity"
+            ops.append((name, magnitude))
+        return ops
+
     def _apply_image_or_video_transform(self, image, transform_id, magnitude, interpolation, fill):
         if transform_id in ("AutoContrast", "Equalize") and not float(torch.rand(())) <= self.level:
             return image
@@ -214,6 +243,94 @@ class StyleViews:
         return [self.finish(self.augment(image)) for _ in range(self.views)]
 
 
+#: the ops of :class:`GCISGStyleBatch`, indexed by the first column of its per-sample parameters
+BATCH_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
+             "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
+_BLENDS = {"Brightness": batch_ops.enhance_brightness, "Color": batch_ops.enhance_color,
+           "Contrast": batch_ops.enhance_contrast, "Sharpness": batch_ops.enhance_sharpness}
+
+
+def op_parameters(name: str, magnitude: float, height: int, width: int) -> list[float]:
+    """Six numbers that fix op ``name`` at signed ``magnitude`` on an image of that size, computed as
+    :class:`GCISGRandAugment` computes them for Pillow: the integer affine coefficients of
+    :func:`~dg_lightning.core.randaugment.pil_affine_coefficients` (from the matrix that torchvision's
+    ``affine`` or Pillow's ``rotate`` makes), an enhancement factor ``1 + m``, Posterize's bits,
+    Solarize's threshold ``255 m``."""
+    matrix = None
+    if name in ("ShearX", "ShearY"):
+        angle = math.degrees(math.atan(magnitude))
+        shear = [angle, 0.0] if name == "ShearX" else [0.0, angle]
+        matrix = _get_inverse_affine_matrix([0.0, 0.0], 0.0, [0.0, 0.0], 1.0, shear)
+    elif name in ("TranslateX", "TranslateY"):
+        shift = [magnitude, 0.0] if name == "TranslateX" else [0.0, magnitude]
+        matrix = _get_inverse_affine_matrix([width * 0.5, height * 0.5], 0.0, shift, 1.0, [0.0, 0.0])
+    elif name == "Rotate":
+        matrix = batch_ops.pil_rotate_matrix(magnitude, width, height)
+    if name in GEOMETRIC_OPS:
+        return [float(v) for v in batch_ops.pil_affine_coefficients(matrix, width, height)]
+    value = {"Posterize": float(int(magnitude)), "Solarize": 255.0 * magnitude}.get(name, 1.0 + magnitude)
+    return [value, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+
+class GCISGStyleBatch(BatchAugment):
+    """One style view made on the batch's device (``views_on: batch``): :class:`GCISGRandAugment` on
+    every stored image, with the ops of :mod:`dg_lightning.core.randaugment`.
+
+    In the loader (:meth:`prepare`), the sample's seed gives its ops exactly as the per-image
+    transform draws them under that seed (:meth:`GCISGRandAugment.draw`), each with its parameters
+    (:func:`op_parameters`); on the device, the samples that share an op go through it together.
+    Every op gives, image for image, the uint8 pixels of the per-image op on the same image and
+    parameters (``tests/test_gcisg.py``). The stored image is the data module's resized copy
+    (``v2.Resize((s, s))`` of the file), so the ops act after the resize, not before it as in the
+    per-sample path (identical when the files are stored at the training size).
+    """
+
+    def __init__(self, size: int, num_ops: int = 1, magnitude: int = 6):
+        super().__init__(size)
+        self.augment = GCISGRandAugment(num_ops, magnitude)
+
+    def prepare(self, image: np.ndarray, original_hw: tuple[int, int], seed: int) -> dict[str, torch.Tensor]:
+        height, width = image.shape[:2]
+        ops = self.augment.draw(torch.Generator().manual_seed(seed), height, width)
+        rows = [[float(BATCH_OPS.index(name)), *op_parameters(name, m, height, width)] for name, m in ops]
+        return {"image": torch.from_numpy(np.ascontiguousarray(image)), "ops": torch.tensor(rows, dtype=torch.float64)}
+
+    def plan(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``groups[k][op]``: the samples whose ``k``-th op is ``BATCH_OPS[op]`` (Identity left out)."""
+        ops = batch["ops"][..., 0].round().long()
+        return {"groups": [{int(k): torch.nonzero(ops[:, step] == k).flatten() for k in ops[:, step].unique()
+                            if int(k) != 0} for step in range(ops.shape[1])]}
+
+    def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
+        x = batch["image"].permute(0, 3, 1, 2).contiguous()
+        params = batch["ops"].to(x.device)
+        plan = batch.get("plan")
+        if plan is None:
+            plan = self.plan({"ops": params.cpu()})
+        for step, groups in enumerate(plan["groups"]):
+            for k, idx in groups.items():
+                idx = idx.to(x.device)
+                x.index_copy_(0, idx, apply_op(BATCH_OPS[k], x.index_select(0, idx), params[idx, step, 1:]))
+        return to_float(x)
+
+
+def apply_op(name: str, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Op ``name`` on uint8 images (N, 3, H, W) with each sample's parameters ``p`` (N, 6) (:func:`op_parameters`)."""
+    if name in GEOMETRIC_OPS:
+        return batch_ops.affine_nearest(x, p)
+    if name in _BLENDS:
+        return _BLENDS[name](x, p[:, 0])
+    if name == "Posterize":
+        return batch_ops.posterize(x, p[:, 0])
+    if name == "Solarize":
+        return batch_ops.solarize(x, p[:, 0])
+    if name == "AutoContrast":
+        return batch_ops.autocontrast(x)
+    if name == "Equalize":
+        return batch_ops.equalize(x)
+    raise ValueError(f"unknown op {name!r}")
+
+
 class GCISG(DGMethod):
     """GCISG on any timm backbone that exposes stage features (see module docstring).
 
@@ -231,11 +348,18 @@ class GCISG(DGMethod):
             ``_calc_loss(x1, x2)``: CE, L_G and L_CI(x1, x2) on ``x1``.
         randaugment_ops / randaugment_magnitude: the style randomisation (1, 6).
         randaugment: its op table, ``official`` (:class:`GCISGRandAugment`) or ``torchvision``'s stock one.
+        views_on: where the two views are made: ``loader`` (default; per sample in the data loader, the
+            official way, :meth:`train_views`) or ``batch`` (on the batch's device after the transfer,
+            from the data module's decoded images, :meth:`batch_views`: needs ``data.batch_augment:
+            true``, classification, the official table; ``data.augment: none`` keeps the data module
+            from also preparing its preset's larger stored copy). Both give each sample the views that
+            the official per-image ops make from its seed; the batched path applies them to the image
+            already resized to ``image_size``.
         (everything else: :class:`DGMethod`; the guide is the backbone as loaded, so give ``pretrained``)
 
-    Training batches carry the two views, ``[x1, x2]``, made per sample in the data loader by
-    :meth:`train_views`. The guide is rebuilt from ``backbone``/``pretrained`` and kept out of
-    checkpoints; the EMA teacher, its heads and the queues are saved.
+    Training batches carry the two views, ``[x1, x2]``. The guide is rebuilt from
+    ``backbone``/``pretrained`` and kept out of checkpoints; the EMA teacher, its heads and the
+    queues are saved.
     """
 
     frozen_prefixes = ("guide.",)
@@ -255,12 +379,18 @@ class GCISG(DGMethod):
         randaugment_ops: int = 1,
         randaugment_magnitude: int = 6,
         randaugment: Literal["official", "torchvision"] = "official",
+        views_on: Literal["loader", "batch"] = "loader",
         head_hidden: int | None = 512,
         **kwargs,
     ):
         super().__init__(head_hidden=head_hidden, **kwargs)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         style_randaugment(randaugment_ops, randaugment_magnitude, randaugment)  # a bad table fails here
+        if views_on not in ("loader", "batch"):
+            raise ValueError(f"views_on {views_on!r}: choose loader or batch")
+        if views_on == "batch" and (randaugment != "official" or self.segmentation):
+            raise ValueError("views_on: batch makes the official RandAugment table's views for classification; "
+                             f"with randaugment: {randaugment} and task: {self.hparams.task} use views_on: loader")
         self.stages = list(stages)
         channels = self.stage_channels(self.stages)
         self.proj = nn.ModuleList([projection_head(c, emb_dim) for c in channels])
@@ -276,11 +406,14 @@ class GCISG(DGMethod):
         return self
 
     # -- views -----------------------------------------------------------------------------------
-    def train_views(self, image_size: int) -> StyleViews:
+    def train_views(self, image_size: int) -> StyleViews | None:
         """Per sample, in the data loader: two independent style randomisations of the loaded image
         (classification: then resized to ``image_size``; segmentation: of the crop that the data
-        module's paired augmentation made, photometric ops only, the label untouched)."""
+        module's paired augmentation made, photometric ops only, the label untouched). ``None`` with
+        ``views_on: batch`` (:meth:`batch_views` makes them)."""
         hp = self.hparams
+        if hp.views_on == "batch":
+            return None
         augment = style_randaugment(hp.randaugment_ops, hp.randaugment_magnitude, hp.randaugment,
                                     photometric=self.segmentation)
         if self.segmentation:
@@ -289,19 +422,32 @@ class GCISG(DGMethod):
             finish = build_transform(image_size, "none", train=True)  # Resize((s, s)), [0, 1] float
         return StyleViews(augment, finish)
 
-    def style_views(self, x) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x1, x2) of a training batch: the two views the data loader made (:meth:`train_views`).
+    def batch_views(self, preset) -> BatchViews | None:
+        """``views_on: batch``: the two views made on the batch's device (:class:`GCISGStyleBatch`, each
+        view from its own seed derived from the sample's), in place of the data module's ``preset``."""
+        hp = self.hparams
+        if hp.views_on != "batch":
+            return None
+        return BatchViews([GCISGStyleBatch(preset.size, hp.randaugment_ops, hp.randaugment_magnitude)
+                           for _ in range(2)])
 
-        The one place where the step gets its views: another way of making them (e.g. batched on
-        the accelerator from a single image batch, with :meth:`train_views` then returning the data
-        module's own transform) plugs in here, behind an option; the loader path stays the default."""
+    def bind_data(self, dm) -> None:
+        if self.hparams.views_on == "batch" and getattr(dm, "batch_preset", None) is None:
+            raise ValueError(f"GCISG views_on: batch makes its views from the batched data path, which "
+                             f"{type(dm).__name__} is not using: set data.batch_augment: true (and "
+                             "data.cache_images: true to read decoded images), or model.views_on: loader")
+        super().bind_data(dm)
+
+    def style_views(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x1, x2) of a training batch: the two views the data loader (:meth:`train_views`) or the
+        batched path (:meth:`batch_views`) made."""
         if isinstance(x, (list, tuple)) and len(x) == 2:
             return x[0], x[1]
         raise ValueError(
             "GCISG trains on two style views of each image, made per sample by the data loader from "
-            "GCISG.train_views; this batch holds one image per sample. Let the model bind the data module "
-            "before its loaders are built (Trainer.fit does so in setup; by hand: model.bind_data(datamodule)), "
-            "or pass [x1, x2]."
+            "GCISG.train_views (or on the batch, views_on: batch); this batch holds one image per sample. Let "
+            "the model bind the data module before its loaders are built (Trainer.fit does so in setup; by "
+            "hand: model.bind_data(datamodule)), or pass [x1, x2]."
         )
 
     # -- losses ----------------------------------------------------------------------------------
