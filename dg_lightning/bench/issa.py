@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dg_lightning.bench import split_overrides
 from dg_lightning.bench.seg import find_data, table
+from dg_lightning.cli_utils import split_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 

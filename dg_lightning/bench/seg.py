@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from dg_lightning.bench import split_overrides
+from dg_lightning.cli_utils import split_overrides
 from dg_lightning.eval.report import fmt, mean_se
 
 METHODS = {

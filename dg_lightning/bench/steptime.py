@@ -23,7 +23,7 @@ from dg_lightning.bench.speed import seconds_per_step
 
 def time_steps(configs: list[str], overrides: list[str], steps: int, warmup: int, device: str = "cpu",
                precision: str = "32") -> list[dict]:
-    from dg_lightning.cli import DGCLI
+    from dg_lightning.lightning_cli import DGCLI
 
     rows = []
     batch = None
