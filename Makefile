@@ -18,7 +18,7 @@ ifneq ($(DG_DATA),)
 export DG_DATA
 endif
 
-.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-seg bench-issa bench-pacs-ssl bench-identifiability bench-speed bench-steptime bench-steptime-ssl lint clean
+.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-seg bench-issa bench-pacs-ssl bench-identifiability bench-speed bench-steptime bench-steptime-ssl readme-numbers lint clean
 
 install: $(VENV)/.installed
 
@@ -76,6 +76,10 @@ bench-steptime-ssl: install
 ## images/s of a training step: full data pipeline vs in-memory tensors
 bench-speed: install
 	$(BIN)/python -m dg_lightning.bench.speed --out bench/speed.json
+
+## the README's measured tables, re-rendered from results/ (see results/README.md)
+readme-numbers: install
+	$(BIN)/python -m dg_lightning.eval.readme_numbers
 
 lint: install
 	$(BIN)/ruff check dg_lightning tests
