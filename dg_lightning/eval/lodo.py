@@ -5,9 +5,13 @@
 
 Each run is a ``dg-lightning fit`` in its own process (so DDP, W&B and memory behave as in a single
 run), in ``<out>/<domain>/seed<seed>``, resumed from its last checkpoint if it was interrupted and
-skipped if it already has ``results.json``. At the end: ``<out>/results.json`` (every run, both
-selections, raw accuracies, resolved config paths), ``<out>/summary.md`` (the table),
-``<out>/per_domain.png`` and a W&B summary run in the experiment's group.
+skipped if it already has ``results.json``. After the first run it trains, it prints an ETA for the
+rest. A run whose loss became non-finite (exit status 3) is reported as failed and the next run
+starts; any other failure stops the experiment (rerunning the command resumes it). At the end:
+``<out>/results.json`` (every run, both selections, raw accuracies, resolved config paths, the
+failed runs, and the command, commit and machine), ``<out>/summary.md`` (the table),
+``<out>/per_domain.png`` and a W&B summary run in the experiment's group. Exit status 3 when a run
+failed.
 """
 
 from __future__ import annotations
