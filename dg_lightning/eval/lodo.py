@@ -112,8 +112,9 @@ def eta_line(done_seconds: list[float], remaining: int) -> str:
     """``ETA ...`` from the runs trained so far (runs found done are not counted)."""
     per_run = sum(done_seconds) / len(done_seconds)
     finish = datetime.datetime.now() + datetime.timedelta(seconds=per_run * remaining)
-    return (f"ETA: {remaining} run(s) left at {per_run / 60:.1f} min each -> about {per_run * remaining / 60:.0f} min "
-            f"more (done around {finish:%H:%M})")
+    left = per_run * remaining / 60
+    return (f"ETA: {remaining} run(s) left at {per_run / 60:.1f} min each -> about {left:.{1 if left < 10 else 0}f} "
+            f"min more (done around {finish:%H:%M})")
 
 
 def flatten(record: dict) -> list[dict]:
