@@ -8,6 +8,7 @@ DG_DATA     ?= $(shell [ -d ../shared/data ] && echo ../shared/data)
 SEEDS       ?= 0 1
 # bench-pacs picks its seeds from the hardware (GPU 0 1 2, CPU 0 1) unless SEEDS is given
 SEEDS_ARG   := $(if $(filter command line environment,$(origin SEEDS)),--seeds $(SEEDS))
+MNIST_METHODS ?= ERM CORAL IRM
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
@@ -18,7 +19,7 @@ ifneq ($(DG_DATA),)
 export DG_DATA
 endif
 
-.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-seg bench-issa bench-pacs-ssl bench-identifiability bench-speed bench-steptime bench-steptime-ssl readme-numbers lint clean
+.PHONY: install demo test test-fast bench-pacs bench-pacs-methods bench-pacs-baselines bench-mnist bench-mnist-paper bench-seg bench-issa bench-pacs-ssl bench-identifiability bench-speed bench-speed-cuda bench-steptime bench-steptime-ssl readme-numbers lint clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +48,18 @@ bench-pacs: install
 bench-pacs-methods: install
 	$(BIN)/python -m dg_lightning.bench.pacs --suite methods --seeds $(SEEDS) --out bench/pacs-methods
 
+## DomainBed's ColoredMNIST and RotatedMNIST, LODO, ERM + two baselines at a CPU schedule, published ERM beside
+bench-mnist: install
+	$(BIN)/python -m dg_lightning.bench.mnist --methods $(MNIST_METHODS) --seeds $(SEEDS) --out bench/mnist
+
+## the same at DomainBed's full protocol (5,000 steps, default hparams, 3 seeds): for a GPU
+bench-mnist-paper: install
+	$(BIN)/python -m dg_lightning.bench.mnist --scale paper --methods ERM --seeds 0 1 2 --out bench/mnist-paper
+
+## DomainBed baselines: ERM vs CORAL vs ERM + SWAD on real PACS, pretrained lite0 at 96 px, same schedule and seeds
+bench-pacs-baselines: install
+	$(BIN)/python -m dg_lightning.bench.pacs --suite baselines --seeds $(SEEDS) --out bench/pacs-baselines
+
 ## segmentation DG: ERM vs GCISG, DeepLabV3+ lite0, real Cityscapes -> Cityscapes val, CamVid, CamVid dusk
 bench-seg: install
 	$(BIN)/python -m dg_lightning.bench.seg --seeds $(SEEDS) --out bench/seg
@@ -73,9 +86,13 @@ bench-steptime-ssl: install
 	$(BIN)/python -m dg_lightning.bench.steptime --configs experiments/cpu/pacs_ssl_simclr.yaml \
 		experiments/cpu/pacs_ssl_ddm.yaml experiments/cpu/pacs_ssl_multispace.yaml --steps 5 --out bench/steptime-ssl.json
 
-## images/s of a training step: full data pipeline vs in-memory tensors
+## images/s: compute limit vs the per-sample and batched data paths vs DomainBed's loop (ERM, GCISG; CPU)
 bench-speed: install
 	$(BIN)/python -m dg_lightning.bench.speed --out bench/speed.json
+
+## the same on a CUDA GPU: ResNet-50 224 px, batch 32 x 3, bf16, worker sweep up to the cores
+bench-speed-cuda: install
+	$(BIN)/python -m dg_lightning.bench.speed --device cuda --out bench/speed-cuda.json
 
 ## the README's measured tables, re-rendered from results/ (see results/README.md)
 readme-numbers: install

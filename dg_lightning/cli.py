@@ -1,8 +1,9 @@
-"""``dg-lightning``: LightningCLI for fit/validate/test, plus ``lodo``, ``check-data`` and ``download``.
+"""``dg-lightning``: LightningCLI for fit/validate/test, plus ``lodo``, ``sweep``, ``check-data`` and ``download``.
 
     dg-lightning fit --config experiments/pacs/erm.yaml --data.test_domains [sketch]
     dg-lightning fit --config ... --ckpt_path last          # resume a killed run
     dg-lightning lodo --config experiments/pacs/erm.yaml --seeds 0 1 2
+    dg-lightning sweep --help                               # DomainBed's hyperparameter sweep, locally
     dg-lightning check-data --config experiments/pacs/erm.yaml   # every domain/class counted, every image decoded
     dg-lightning download pacs --root ~/data/pacs
     dg-lightning issa fit --config experiments/issa/cityscapes_tiny_gan.yaml   # ISSA stages 1 and 2
@@ -48,6 +49,10 @@ def _dispatch(argv: list[str], from_sys: bool) -> int | None:
         from dg_lightning.cluster import slurm_main
 
         return slurm_main(argv[1:])
+    if argv and argv[0] == "sweep":  # DomainBed's hyperparameter sweep, locally (eval/sweep.py)
+        from dg_lightning.eval.sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     if argv and argv[0] == "sweep-trial":
         from dg_lightning.cluster import sweep_trial_main
 

@@ -37,7 +37,8 @@ HELP = (
     "dg-lightning: domain generalization experiments. Subcommands fit/validate/test take "
     "--config experiments/...yaml; also: `dg-lightning lodo --help` (every held-out domain x seed, "
     "then the table), `dg-lightning report --help` (many runs -> markdown/LaTeX tables and a chart), "
-    "`dg-lightning slurm --help` (LODO or sweep as a SLURM job array), `dg-lightning check-data --help` "
+    "`dg-lightning slurm --help` (LODO or sweep as a SLURM job array), `dg-lightning sweep --help` "
+    "(DomainBed's hyperparameter sweep, locally), `dg-lightning check-data --help` "
     "(every domain and class counted, every image decoded) and `dg-lightning download --help` "
     "(datasets, checksum-verified). Errors print their fix and exit 2; --debug shows the traceback."
 )

@@ -1,7 +1,9 @@
 import pytest
 import torch
+import yaml
 
 from dg_lightning.core.backbones import convert_lukemelas_lite, create_backbone, lite_wheel_path
+from tests.conftest import ROOT
 
 
 def test_local_weight_file_loads_strictly(tmp_path):
@@ -67,3 +69,27 @@ def test_offline_lite0_recognises_an_elephant(real_pacs):
         top1 = model((x - 0.5) / 0.5).argmax(1)
     elephants = {101, 385, 386}  # tusker, Indian elephant, African elephant
     assert sum(int(t) in elephants for t in top1) >= 6
+
+
+# -- pretrained weights: torchvision's ImageNet weights, as DomainBed, WILDS and the official code use
+TORCHVISION_ARCHS = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "densenet121"}
+
+
+def test_paper_scale_yamls_load_torchvision_imagenet_weights():
+    """Every YAML that loads hub weights for a torchvision architecture resolves to timm's
+    ``tv_in1k`` tag (torchvision's weights), not timm's default recipe (``a1_in1k`` for ResNet-50)."""
+    from timm.models import get_pretrained_cfg
+
+    checked = set()
+    for path in sorted((ROOT / "experiments").rglob("*.yaml")):
+        args = (yaml.safe_load(path.read_text()) or {}).get("model", {}).get("init_args", {})
+        name = args.get("backbone")
+        if not isinstance(name, str) or name.split(".")[0] not in TORCHVISION_ARCHS or args.get("pretrained") is not True:
+            continue
+        cfg = get_pretrained_cfg(name)  # what timm.create_model(name, pretrained=True) downloads
+        assert cfg.tag == "tv_in1k" and cfg.hf_hub_id.endswith(".tv_in1k"), f"{path}: {name} -> {cfg.hf_hub_id}"
+        checked.add(path.relative_to(ROOT).as_posix())
+    assert {"experiments/pacs/erm.yaml", "experiments/pacs/gcisg.yaml", "experiments/domainnet/erm.yaml",
+            "experiments/segmentation/gta5_erm.yaml", "experiments/segmentation/gta5_gcisg.yaml",
+            "experiments/segmentation/cityscapes_erm.yaml", "experiments/segmentation/cityscapes_gcisg.yaml",
+            "experiments/wilds/iwildcam_erm.yaml", "experiments/wilds/fmow_erm.yaml"} <= checked

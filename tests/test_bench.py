@@ -1,5 +1,8 @@
 import json
 
+import torch
+
+from dg_lightning.bench import steptime
 from dg_lightning.bench.steptime import main as steptime_main
 from tests.conftest import ROOT
 
@@ -56,3 +59,97 @@ def test_bench_pacs_says_how_to_fetch_missing_weights(monkeypatch):
     with pytest.raises(DataNotFoundError, match=r"resnet50.tv_in1k(.|\n)*HF_HUB_OFFLINE=0"):
         require_weights(str(ROOT / "experiments/pacs/erm.yaml"), [])
     require_weights(str(ROOT / "experiments/pacs/erm.yaml"), ["--model.pretrained=/weights.pth"])  # a local file
+
+
+def test_speed_bench_measures_every_pipeline_in_rounds(tmp_path):
+    from dg_lightning.bench.speed import main as speed_main
+
+    out = tmp_path / "speed.json"
+    rc = speed_main(["--root", str(tmp_path / "no-pacs"), "--methods", "erm", "--models", "resnet10t@32",
+                     "--workers", "0", "--rounds", "2", "--steps", "1", "--warmup", "0", "--batch-size", "2",
+                     "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert rc == 0 and result["commit"] and result["machine"]["cores"] and "bench.speed" in result["command"]
+    rows = {r["pipeline"]: r for r in result["results"][0]["rows"]}
+    assert set(rows) == {"compute", "per-sample", "batched", "domainbed"}
+    for r in rows.values():
+        assert len(r["img_per_s"]) == 2 and all(v > 0 for v in r["img_per_s"]) and r["ratio_to_compute"] > 0
+    assert rows["compute"]["ratio_to_compute"] == 1.0 and rows["batched"]["ratio_to_domainbed"] > 0
+    assert result["results"][0]["batched_augmentation_in_training"] is True
+
+
+def test_steptime_gives_gcisg_the_two_views_its_loader_made(tmp_path, monkeypatch):
+    """GCISG's step is timed on the batch its own loader made (two RandAugment views per image, the
+    data module's augmentation replaced), ERM's on the preset's; both exclude loading, and the
+    loader's time per batch is reported for each."""
+    demo = ROOT / "experiments/demo/erm.yaml"
+    gcisg = tmp_path / "gcisg.yaml"
+    gcisg.write_text(demo.read_text().replace(
+        "class_path: dg_lightning.methods.ERM\n  init_args:\n",
+        "class_path: dg_lightning.methods.GCISG\n  init_args:\n    queue_size: 32\n    emb_dim: 8\n"))
+    timed = []
+    real = steptime.seconds_per_step
+    monkeypatch.setattr(steptime, "seconds_per_step", lambda model, batch, *a: timed.append(batch) or real(model, batch, *a))
+    out = tmp_path / "steptime.json"
+    rc = steptime_main(["--configs", str(demo), str(gcisg), "--steps", "1", "--warmup", "0", "--out", str(out),
+                        "--loader-batches", "1", "--data.per_class=4", "--data.batch_size=2",
+                        "--model.backbone=resnet10t"])
+    rows = json.loads(out.read_text())["rows"]
+    assert rc == 0 and [r["method"] for r in rows] == ["ERM", "GCISG"]
+    assert [r["views_per_image"] for r in rows] == [1, 2] and rows[1]["images_per_step"] == 6
+    assert all(r["loader_seconds_per_batch"] > 0 for r in rows)
+    erm_x, gcisg_x = timed[0][0], timed[1][0]
+    assert isinstance(erm_x, torch.Tensor) and isinstance(gcisg_x, list) and len(gcisg_x) == 2
+    assert gcisg_x[0].shape == erm_x.shape and not torch.equal(gcisg_x[0], gcisg_x[1])
+
+
+def test_every_bench_pacs_table_has_its_yaml():
+    from dg_lightning.bench.pacs import DEFAULT_OUT, SUITES
+
+    assert list(SUITES["baselines"].values()) == ["experiments/cpu/pacs_erm_lite0.yaml",
+                                                  "experiments/cpu/pacs_coral_lite0.yaml",
+                                                  "experiments/cpu/pacs_erm_swad_lite0.yaml"]
+    assert set(DEFAULT_OUT) == set(SUITES)
+    for tables in SUITES.values():
+        for cfg in tables.values():
+            assert (ROOT / cfg).is_file(), cfg
+
+
+def test_bench_mnist_runs_lodo_per_method_and_puts_published_numbers_beside(tmp_path, monkeypatch):
+    """The bench's lodo calls replaced by fake results: commands, method swap, table, published row."""
+    import subprocess
+
+    import pytest
+
+    from dg_lightning.bench import mnist
+    from tests.mnist_trees import id_images, write_mnist
+
+    root = write_mnist(tmp_path / "m", *id_images(30), 20)
+    calls, real_run = [], subprocess.run
+
+    def fake_run(cmd, check=False, **kwargs):
+        if "lodo" not in cmd:  # the commit recorded in the JSON, anything else
+            return real_run(cmd, check=check, **kwargs)
+        calls.append(cmd)
+        out = cmd[cmd.index("--out") + 1]
+        acc = 0.5 if "--model.class_path=dg_lightning.methods.GCISG" in cmd else 0.7
+        runs = [{"selection": sel, "domain": d, "seed": s, "acc": acc + 0.1 * s}
+                for sel in ("training-domain validation", "oracle") for d in ("+90%", "+80%", "-90%") for s in (0, 1)]
+        (tmp_path / out).mkdir(parents=True)
+        (tmp_path / out / "results.json").write_text(json.dumps({"runs": runs}))
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    assert mnist.main(["--methods", "ERM", "GCISG", "--datasets", "cmnist", "--root", str(root), "--out", "b"]) == 0
+    assert [c[c.index("--config") + 1] for c in calls] == ["experiments/cpu/cmnist_erm.yaml"] * 2
+    assert not any(a.startswith("--model.class_path") for a in calls[0])  # ERM: the YAML's own method
+    assert calls[1][-1] == "--model.class_path=dg_lightning.methods.GCISG" and f"--data.root={root}" in calls[1]
+    md = (tmp_path / "b" / "bench_mnist.md").read_text()
+    assert "| ERM, published | training-domain val. (20-trial search) | 71.7 | 72.9 | 10.0 | 51.5 |" in md
+    # columns in DomainBed's order; mean ± standard error of 0.7 and 0.8
+    assert "| ERM, here (cpu) | training-domain validation | 75.0 ± 5.0 | 75.0 ± 5.0 | 75.0 ± 5.0 | 75.0 ± 5.0 |" in md
+    assert "| GCISG, here (cpu) | oracle | 55.0 ± 5.0 |" in md
+    report = json.loads((tmp_path / "b" / "bench_mnist.json").read_text())
+    assert {"commit", "cpus", "torch"} <= set(report["machine"]) and report["published_erm"]["rmnist"][-1] == 98.0
+    with pytest.raises(SystemExit, match=r"unknown method\(s\) \['NoSuchMethod'\]"):
+        mnist.main(["--methods", "ERM", "NoSuchMethod", "--root", str(root)])

@@ -55,9 +55,14 @@ def _weights(ckpt: Path) -> dict:
     return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
 
 
+BATCHED = ("--data.augment=domainbed", "--data.batch_augment=true", "--data.cache_images=true")
+
+
 @pytest.mark.slow
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
-    epochs = "--trainer.max_epochs=3", "--model.dropout=0.3"  # dropout: model-side randomness too
+@pytest.mark.parametrize("pipeline", [(), BATCHED], ids=["per-sample", "batched"])
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, pipeline):
+    # dropout: model-side randomness too; batched: augmentation on the batch, from the decoded images
+    epochs = "--trainer.max_epochs=3", "--model.dropout=0.3", *pipeline
     run_fit(tmp_path / "full", *epochs)
     killed = run_fit(tmp_path / "crash", *epochs, "--trainer.callbacks+=tests.helpers.KillAtStep",
                      "--trainer.callbacks.step=8", check=False)

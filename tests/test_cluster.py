@@ -114,7 +114,7 @@ def test_slurm_lodo_array_maps_tasks_to_domain_and_seed_and_resumes(tmp_path):
 
     args, _ = task(4)  # seeds outer, domains inner: task 4 = (sketch, seed 1)
     assert args[1:4] == ["-m", "dg_lightning.cli", "fit"]
-    assert "--data.test_domains=[sketch]" in args and "--seed_everything=1" in args
+    assert "--data.test_domains=['sketch']" in args and "--seed_everything=1" in args
     assert f"--trainer.default_root_dir={out}/sketch/seed1" in args and "--trainer.devices=2" in args
     assert not any(a.startswith("--ckpt_path") for a in args) and "--data.per_class=12" in args  # a first start
     # interrupted after an epoch: resumes from the last checkpoint

@@ -89,7 +89,8 @@ def test_segmentation_trains_on_cuda_in_bf16(name, tmp_path):
         gan = StyleGAN2(size=(32, 64), w_dim=16, n_mlp=2, channel_base=64, channel_max=32)
         for module, ckpt in ((gan, "gan.ckpt"), (None, "enc.ckpt")):
             if module is None:
-                module = NoiseEncoderTraining(str(tmp_path / "gan.ckpt"), noise_height=8, channels=8)
+                module = NoiseEncoderTraining(str(tmp_path / "gan.ckpt"), noise_height=8, channels=8, backbone="compact",
+                                              d_ndf=8, mask_patch=2, r1_every=1, lpips_net="alex")
             t = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=2, logger=False,
                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
             t.fit(module, images)
@@ -105,3 +106,32 @@ def test_segmentation_trains_on_cuda_in_bf16(name, tmp_path):
         assert 0.0 <= float(trainer.callback_metrics["val/cityscapes_stylised/miou"]) <= 1.0
     trainer.test(model, datamodule=dm, verbose=False)
     assert 0.0 <= float(trainer.callback_metrics["test/camvid/miou"]) <= 1.0
+
+
+def test_batched_augmentation_on_cuda_matches_the_cpu_and_trains_channels_last():
+    """The batched path on the GPU: the same augmented batch as on the CPU (the parameters come from the
+    loader), and a bf16 channels-last fit whose batches reach the model augmented on the GPU."""
+    from dg_lightning.core.augment import AugmentCollate
+    from dg_lightning.core.callbacks import ChannelsLast
+
+    kw = dict(per_class=8, test_domains=["cartoon"], batch_size=8, steps_per_epoch=3, split_seed=0, image_size=32,
+              augment="domainbed", batch_augment=True, cache_images=True)
+    dm = SyntheticShapes(**kw)
+    raw = next(iter(dm.train_dataloader()))
+    on_cpu = dm.finish_batch(raw)[0]
+    moved = L.fabric.utilities.apply_func.move_data_to_device(raw, torch.device("cuda"))
+    on_gpu = dm.finish_batch(moved)[0]
+    assert on_gpu.device.type == "cuda" and torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-5)
+    assert isinstance(dm.train_dataloader().collate_fn, AugmentCollate)
+    seen = []
+
+    class Look(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((batch[0].device.type, batch[0].dtype, next(pl_module.backbone.parameters()).is_contiguous(
+                memory_format=torch.channels_last) or next(pl_module.backbone.parameters()).dim() != 4))
+
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False,
+                        enable_model_summary=False, callbacks=[Look(), ChannelsLast()])
+    trainer.fit(build("ERM"), datamodule=SyntheticShapes(**kw))
+    assert seen and all(s == ("cuda", torch.float32, True) for s in seen)

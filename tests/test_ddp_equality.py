@@ -4,11 +4,16 @@
 * the GCISG queue: every rank holds the same queue, and it holds the same keys as the single
   process's (the keys of both ranks' halves of the global batch);
 * DDM's pseudo-domains (k-means on rank 0, broadcast): the single process's labels on every rank;
-* RISE's cached class and anchor text embeddings: the single process's on every rank.
+* RISE's cached class and anchor text embeddings: the single process's on every rank;
+* the multi-space losses (SimCLR and VICReg multi-head, with the content-space terms): the loss
+  function on each rank's rows of one global batch (mean over ranks = the single process's loss;
+  each rank's gradient / 2 = the single process's gradient of its rows), and one training step
+  of ``MultiSpace`` with batch norm in eval mode (loss, every parameter's gradient after DDP's
+  averaging, the lambdas after the dual step).
 
 The single process takes batches of 4 per domain, each DDP rank 2: ``DomainBalancedSampler`` gives
 rank r the r-th half of the single process's batch. GCISG's teacher runs in eval mode and its views
-are the identity here, so a key depends on its image only, not on the batch it came with.
+are seeded per sample in the loader, so a key depends on its image only, not on the batch it came with.
 """
 
 import subprocess
@@ -25,7 +30,8 @@ import lightning as L
 import torch
 from torch import nn
 from dg_lightning.data import SyntheticShapes
-from dg_lightning.methods import DDM, ERM, GCISG, RISE
+from dg_lightning.methods import DDM, ERM, GCISG, RISE, MultiSpace
+from dg_lightning.methods.multispace import multispace_simclr_loss, multispace_vicreg_loss
 
 out, devices = sys.argv[1], int(sys.argv[2])
 batch = 4 // devices
@@ -73,7 +79,6 @@ save("wilds", metrics(t))
 L.seed_everything(0)
 dm = data()
 model = GCISG(num_classes=dm.num_classes, backbone="resnet10t", queue_size=64, emb_dim=8)
-model.views = nn.Identity()
 model.teacher.eval()  # Lightning keeps each submodule's mode: keys independent of the batch
 trainer(max_steps=1, limit_val_batches=0).fit(model, datamodule=dm)
 save("gcisg", {f"queue{i}": (q.embeddings.detach().clone(), int(q.ptr)) for i, q in enumerate(model.queues)})
@@ -93,6 +98,42 @@ model = RISE(num_classes=dm.num_classes, backbone="resnet10t", clip_model="ViT-B
              clip_image_size=32)
 trainer(max_steps=1, limit_val_batches=0).fit(model, datamodule=dm)
 save("rise", {"class_text": model.class_text.cpu(), "anchors": model.anchors.cpu()})
+
+# 6. multi-space: one training step (batch norm in eval mode: SyncBatchNorm needs GPUs, and with batch
+# statistics per rank the forward pass would not be the global batch's)
+class Record(L.Callback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # after DDP's gradient averaging
+        self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.loss = outputs["loss"].detach().clone()
+
+
+for loss_name in ("simclr", "vicreg"):
+    L.seed_everything(0)
+    dm = data()
+    model = MultiSpace(num_classes=dm.num_classes, backbone="resnet10t", style_groups=["color", "crop"], proj_hidden=16,
+                       proj_dim=12, loss=loss_name, add_cont_neg=True, dual_ascent=True, dual_lr=0.5)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()  # Lightning keeps each submodule's mode
+    rec = Record()
+    trainer(max_steps=1, limit_val_batches=0, callbacks=[rec]).fit(model, datamodule=dm)
+    save(f"multispace_{loss_name}", {"loss": rec.loss, "grads": rec.grads, "lambdas": model.lambdas.detach().cpu()})
+
+# 7. multi-space: the loss functions on each rank's rows of one global batch of 6
+rank = torch.distributed.get_rank() if devices > 1 else 0
+g = torch.Generator().manual_seed(0)
+views = [torch.randn(6, 10, generator=g) for _ in range(4)]
+fns = {"simclr": lambda v: multispace_simclr_loss(v, [4, 3, 3], [1.0, 0.5, 2.0], 0.15, add_cont_neg=True),
+       "vicreg": lambda v: multispace_vicreg_loss(v, [4, 3, 3], [25.0, 10.0, 5.0], add_cont_neg=True)}
+res = {}
+for name, fn in fns.items():
+    local = [v[rank * 6 // devices:(rank + 1) * 6 // devices].clone().requires_grad_(True) for v in views]
+    loss, misalignment = fn(local)
+    loss.backward()
+    res[name] = {"loss": loss.detach(), "misalignment": misalignment, "grads": [v.grad for v in local]}
+save("multispace_fn", res)
 '''
 
 
@@ -166,3 +207,32 @@ def test_rise_text_cache_equals_one_process(runs):
         assert torch.allclose(r["class_text"], one["class_text"], atol=1e-6)
         assert torch.allclose(r["anchors"], one["anchors"], atol=1e-6)
 
+
+
+@pytest.mark.slow
+def test_multispace_loss_functions_equal_one_process(runs):
+    """Catches: no gather (each rank contrasts and normalises its own rows only), a gather without
+    gradients, VICReg statistics per rank."""
+    one, ddp = _load(runs, "multispace_fn")
+    for name in ("simclr", "vicreg"):
+        ranks = [r[name] for r in ddp]
+        assert (ranks[0]["loss"] + ranks[1]["loss"]).item() / 2 == pytest.approx(one[name]["loss"].item(), abs=1e-5)
+        mis = (ranks[0]["misalignment"] + ranks[1]["misalignment"]) / 2
+        assert torch.allclose(mis, one[name]["misalignment"], atol=1e-6)
+        for v, g1 in enumerate(one[name]["grads"]):
+            g_ddp = torch.cat([ranks[0]["grads"][v], ranks[1]["grads"][v]]) / 2  # d(sum of rank losses) / 2
+            assert g1.abs().sum() > 0 and torch.allclose(g_ddp, g1, rtol=1e-4, atol=1e-7), (name, v)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["simclr", "vicreg"])
+def test_multispace_training_step_equals_one_process(runs, loss):
+    one, ddp = _load(runs, f"multispace_{loss}")
+    assert (ddp[0]["loss"] + ddp[1]["loss"]).item() / 2 == pytest.approx(one["loss"].item(), rel=1e-4)
+    assert set(one["grads"]) == set(ddp[0]["grads"]) and any("projector" in n for n in one["grads"])
+    for r in ddp:
+        assert torch.equal(r["lambdas"], ddp[0]["lambdas"])  # every rank took the same dual step
+        assert torch.allclose(r["lambdas"], one["lambdas"], atol=1e-6) and not torch.equal(one["lambdas"], torch.tensor(
+            [1.0, 1.0, 1.0] if loss == "simclr" else [25.0, 25.0, 25.0]))
+        for n, g1 in one["grads"].items():
+            assert torch.allclose(r["grads"][n], g1, rtol=1e-3, atol=1e-6), n

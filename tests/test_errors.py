@@ -92,6 +92,15 @@ def test_lodo_unknown_domain_names_the_fix(capsys, tmp_path):
     assert_short_error(code, out, "unknown domain(s) ['clipart']", "fix: --domains photo cartoon sketch painting")
 
 
+def test_sweep_errors_go_through_the_same_path(capsys, tmp_path):
+    """``dg-lightning sweep``: an unknown domain, and a method with no registered hyperparameters."""
+    code, out = run_main(capsys, "sweep", "--config", DEMO, "--domains", "clipart", "--dry-run", "--out", str(tmp_path))
+    assert_short_error(code, out, "unknown domain(s) ['clipart']", "fix: --domains: some of")
+    gcisg = ["--model.class_path=dg_lightning.methods.GCISG"]
+    code, out = run_main(capsys, "sweep", "--config", DEMO, "--dry-run", "--out", str(tmp_path), "--", *gcisg)
+    assert_short_error(code, out, "no hyperparameters registered for 'GCISG'")
+
+
 @pytest.mark.parametrize("typo, fix", [
     (["--data.init_args.bach_size=3"], "did you mean 'data.init_args.batch_size'?"),
     (["--model.optimizer.init_args.lrr=3"], "did you mean 'model.init_args.optimizer.init_args.lr'?"),

@@ -58,6 +58,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_no_import_cycle():
     graph = import_graph()
     assert "dg_lightning.eval.lodo" in graph and "dg_lightning.lightning_cli" in graph["dg_lightning.eval.lodo"]
+    # the runners that came with the sweep and the digit benchmarks are in the graph checked
+    assert {"dg_lightning.eval.lodo", "dg_lightning.cli_utils"} <= graph["dg_lightning.eval.sweep"]
+    assert {"dg_lightning.eval.model_selection", "dg_lightning.bench.mnist"} <= set(graph)
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
     # nothing below the entry point imports it
     assert not [m for m, deps in graph.items() if "dg_lightning.cli" in deps]

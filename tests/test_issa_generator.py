@@ -121,3 +121,49 @@ def test_one_gan_step_moves_both_networks_and_the_ema():
     assert not torch.equal(after["G.w_avg"], torch.zeros_like(after["G.w_avg"]))
     assert torch.equal(after["G.w_avg"], after["G_ema.w_avg"])
     assert {"train/d_loss", "train/g_loss", "train/r1"} <= set(trainer.callback_metrics)
+
+
+def test_paper_size_widths_and_noise_channels_are_the_official_ones():
+    """At the paper size (256 x 512, channel_base 4096, channel_max 512) every layer's width, and so the
+    noise channels the encoder predicts, is the official min(32768 // width, 512); at the official
+    prediction resolution (width 128) that is 256 channels per layer."""
+    from dg_lightning.methods.issa.encoder import MaskedNoiseEncoder
+
+    g = Generator((256, 512), w_dim=16, n_mlp=1, channel_base=4096, channel_max=512)
+    assert g.layer_channels == [min(32768 // w, 512) for _, w in g.noise_shapes()]
+    enc = MaskedNoiseEncoder(g, noise_height=64, channels=8)
+    assert [g.noise_shapes()[i] for i in enc.noise_layers] == [(64, 128), (64, 128)]
+    assert enc.noise_channels == [256, 256]
+
+
+def test_multichannel_noise_reaches_the_image_channel_by_channel(gen):
+    """Noise with the layer's width: each channel is its own map (changing one channel changes the image);
+    one-channel noise is the same map on every channel; other channel counts are refused."""
+    w = gen.z_to_w_plus(torch.randn(1, 16))
+    noise = gen.random_noise(1)
+    i = 3
+    c = gen.layer_channels[i]
+    assert c > 1
+    multi = list(noise)
+    multi[i] = noise[i].expand(1, c, -1, -1).clone()
+    assert torch.allclose(gen.synthesis(w, multi), gen.synthesis(w, noise), atol=1e-6)  # broadcast = same map
+    for ch in (0, c - 1):
+        changed = [m.clone() for m in multi]
+        changed[i][:, ch] += 1.0
+        assert not torch.allclose(gen.synthesis(w, changed), gen.synthesis(w, multi), atol=1e-4), ch
+    wrong = list(noise)
+    wrong[i] = torch.randn(1, 2, *noise[i].shape[-2:])
+    with pytest.raises(ValueError, match="channels"):
+        gen.synthesis(w, wrong)
+
+
+def test_const_noise_is_fixed_and_not_saved():
+    torch.manual_seed(0)
+    g = Generator((16, 32), **TINY)
+    for layer in g.layers:
+        layer.noise.strength.data.fill_(0.5)
+    w = g.z_to_w_plus(torch.randn(2, 16))
+    assert torch.equal(g.synthesis(w, noise_mode="const"), g.synthesis(w, noise_mode="const"))
+    assert not torch.equal(g.synthesis(w, noise_mode="const"), g.synthesis(w, noise_mode="random"))
+    assert torch.equal(Generator((16, 32), **TINY).const_noise(3), g.const_noise(3))  # rebuilt, not saved
+    assert not any(k.startswith("noise_const") for k in g.state_dict())

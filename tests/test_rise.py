@@ -71,7 +71,7 @@ def test_text_embeddings_are_cached_once(rise, monkeypatch):
     assert torch.allclose(rise.class_text_raw[1], manual, atol=1e-5)
     assert torch.allclose(rise.class_text.norm(dim=1), torch.ones(3), atol=1e-6)
     assert rise.anchors.shape == (3, 2, rise.class_text.shape[1])
-    assert torch.allclose(rise.anchors[2, 0], real(["a art painting of a guitar"])[0], atol=1e-5)
+    assert torch.allclose(rise.anchors[2, 0], real(["a art_painting of a guitar"])[0], atol=1e-5)
     calls.clear()
     rise.cache_text_embeddings(CLASSES, SOURCES)  # same names: nothing recomputed
     x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
@@ -107,3 +107,66 @@ def test_fit_initialises_the_classifier_from_text(tmp_path):
     assert m.text_cache_key == (tuple(dm.classes), tuple(dm.train_domains))
     assert torch.allclose(m.classifier.weight, m.class_text)  # lr 0: still the text initialisation
     assert {"train/kd_epoch", "train/rd_epoch", "val/acc"} <= set(trainer.callback_metrics)
+
+
+def _prompts(rise, monkeypatch, **options):
+    """The sentences encoded for classes (dog, alarm_clock) and sources (art_painting, cartoon), with
+    the model's defaults changed by ``options``."""
+    for k, v in options.items():
+        monkeypatch.setitem(rise.hparams, k, v)
+    calls = []
+    real = rise.encode_text
+    monkeypatch.setattr(rise, "encode_text", lambda s: calls.append(list(s)) or real(s))
+    rise.text_cache_key = None
+    rise.cache_text_embeddings(["dog", "alarm_clock"], ["art_painting", "cartoon"])
+    return calls
+
+
+def test_prompts_write_names_as_the_data_gives_them(rise, monkeypatch):
+    """Official train_rise.py: f"a {source} of a {c}" with the domain and class names as listed
+    ("art_painting"); readable_names writes "art painting"; anchor_names replaces the domains."""
+    calls = _prompts(rise, monkeypatch)
+    assert calls[0] == ["itap of a dog.", "itap of a alarm_clock."]
+    assert calls[len(TEMPLATES):] == [["a art_painting of a dog", "a art_painting of a alarm_clock"],
+                                      ["a cartoon of a dog", "a cartoon of a alarm_clock"]]
+    calls = _prompts(rise, monkeypatch, readable_names=True)
+    assert calls[0] == ["itap of a dog.", "itap of a alarm clock."]
+    assert calls[len(TEMPLATES)] == ["a art painting of a dog", "a art painting of a alarm clock"]
+    calls = _prompts(rise, monkeypatch, readable_names=False, anchor_names=["bright photo", "dark photo", "good photo"])
+    assert [c[0] for c in calls[len(TEMPLATES):]] == ["a bright photo of a dog", "a dark photo of a dog",
+                                                      "a good photo of a dog"]
+
+
+def test_a_checkpoint_keeps_its_trained_classifier(tmp_path):
+    """The classifier starts from the class text at a fresh fit only: a model loaded from a checkpoint
+    and tested (setup -> bind_data) or resumed (ckpt_path) keeps the trained one."""
+    import lightning as L
+
+    from dg_lightning.data import SyntheticShapes
+
+    def trainer():
+        return L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                         limit_val_batches=0, default_root_dir=tmp_path)
+
+    def build():
+        return RISE(num_classes=6, backbone="resnet10t", clip_model="ViT-B-32", clip_pretrained=None,
+                    clip_image_size=32, optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
+
+    L.seed_everything(0)
+    dm = SyntheticShapes(per_class=4, test_domains=["sketch"], batch_size=2, steps_per_epoch=1, split_seed=0,
+                         image_size=32)
+    m = build()
+    t = trainer()
+    t.fit(m, datamodule=dm)
+    trained = m.classifier.weight.detach().clone()
+    assert not torch.allclose(trained, m.class_text, atol=1e-3)  # it trained away from the text
+    ckpt = tmp_path / "trained.ckpt"
+    t.save_checkpoint(ckpt)
+
+    loaded = RISE.load_from_checkpoint(ckpt)
+    trainer().test(loaded, datamodule=dm, verbose=False)
+    assert torch.equal(loaded.classifier.weight, trained)
+    resumed = build()
+    trainer().fit(resumed, datamodule=dm, ckpt_path=ckpt)  # already at max_epochs: restores, trains no more
+    assert torch.equal(resumed.classifier.weight, trained)

@@ -16,7 +16,7 @@ from torch import nn
 from dg_lightning.core.method import padded_forward, slide_inference
 from dg_lightning.core.metrics import SegmentationIoU
 from dg_lightning.methods import ERM, GCISG, RISE
-from dg_lightning.methods.gcisg import PhotometricRandAugment
+from dg_lightning.methods.gcisg import GCISGPhotometricRandAugment, StyleViews
 from tests.conftest import ROOT, cli_cmd, subprocess_env
 from tests.seg_trees import write_camvid, write_cityscapes
 
@@ -155,9 +155,10 @@ def test_segmentation_encoder_loads_the_offline_imagenet_weights():
 def test_gcisg_segmentation_losses_on_the_encoder_stages():
     torch.manual_seed(0)
     m = GCISG(num_classes=19, backbone="resnet10t", task="segmentation", decoder_channels=32, queue_size=32, emb_dim=8)
-    assert isinstance(m.views.augment, PhotometricRandAugment)  # labels stay aligned with both views
-    assert not {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"} & set(m.views.augment._AUGMENTATION_SPACE)
-    x, y = torch.rand(2, 3, 64, 64), torch.randint(0, 19, (2, 64, 64))
+    augment = m.train_views(64).augment
+    assert isinstance(augment, GCISGPhotometricRandAugment)  # labels stay aligned with both views
+    assert not {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"} & set(augment._AUGMENTATION_SPACE)
+    x, y = [torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)], torch.randint(0, 19, (2, 64, 64))
     y[:, :8] = 255
     out = m.training_losses(x, y, torch.zeros(2, dtype=torch.long))
     assert set(out) == {"loss", "ce", "guidance", "ci_12", "ci_21"}
@@ -166,6 +167,34 @@ def test_gcisg_segmentation_losses_on_the_encoder_stages():
     out["loss"].backward()
     assert m.decoder.parameters().__next__().grad is not None  # CE reaches the decoder
     assert all(p.grad is None for p in m.guide.parameters())
+
+
+def test_gcisg_views_follow_the_paired_augmentation_and_keep_the_label(tmp_path):
+    """The data loader makes GCISG's two views per sample, after the paired image/label augmentation
+    and from the same per-sample seed; the label is the augmentation's, the same for both views."""
+    from dg_lightning.core.data import seeded
+    from dg_lightning.data.segmentation import Cityscapes, SegmentationDG
+    from dg_lightning.data.segmentation.base import PairedDataset
+
+    cs = write_cityscapes(tmp_path / "cs", split="train", n=4, h=48, w=64)
+    dm = SegmentationDG(source=Cityscapes(str(cs), split="train"), targets=[Cityscapes(str(cs), split="train")],
+                        holdout_fraction=0.25, crop_size=32, batch_size=2, steps_per_epoch=1, split_seed=0)
+    paired = dm.train_transform
+    m = GCISG(num_classes=19, backbone="resnet10t", task="segmentation", decoder_channels=16, queue_size=32, emb_dim=8)
+    m.bind_data(dm)
+    assert dm.train_transform is paired and isinstance(dm.image_views, StyleViews)
+    loader = dm.train_dataloader()
+    x, y, _, _ = next(iter(loader))
+    assert isinstance(x, list) and len(x) == 2 and x[0].shape == x[1].shape == (2, 3, 32, 32) and y.shape == (2, 32, 32)
+    assert not torch.equal(x[0], x[1])
+    plain = PairedDataset(dm.source, 0, dm._split[0], paired)  # the same samples without views
+    for j, key in enumerate(list(loader.sampler)[:2]):
+        image, label, _, _ = plain[key]
+        assert torch.equal(label, y[j])  # the paired augmentation's label, untouched
+        crop = (image * 255).round().byte().permute(1, 2, 0).numpy()
+        with seeded(key[1]):
+            views = dm.image_views(crop)
+        assert torch.equal(views[0], x[0][j]) and torch.equal(views[1], x[1][j])
 
 
 def test_classification_only_methods_refuse_segmentation():

@@ -11,7 +11,9 @@ The paper's synthetic setting (Eastwood et al. 2023; after von Kuegelgen et al. 
 * views: query ``(c, s)``; content key: every style block resampled from ``p(s | c)``; key ``m``:
   ``s_m`` kept, every other style block resampled (the augmentation "resamples all blocks but one");
 * an MLP encoder whose output is split into content + ``M`` style spaces, trained with the
-  multi-space SimCLR loss of :mod:`dg_lightning.methods.multispace` (the same function as on images);
+  multi-space SimCLR loss of :mod:`dg_lightning.methods.multispace` (the official
+  ``SimCLRMultiHead.loss``, the same function as on images: every view of every latent sample is an
+  anchor, the other samples' views its negatives);
 * evaluation on fresh samples: R² of predicting each latent block from each embedding space, with
   linear regression and kernel ridge (RBF), fitted on one half and scored on the other.
 
@@ -23,6 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -142,15 +147,13 @@ def run(s: Setting, log_every: int = 500) -> dict:
     t0 = time.time()
     for step in range(1, s.steps + 1):
         views, _, _ = latents.views(s.batch_size, g)
-        z = [split_chunks(encoder(mix(v)), sizes, normalize=True) for v in views]
-        zk = [z[1 + i][i] for i in range(n_spaces)]
-        loss, _ = multispace_simclr_loss(z[0], zk, lambdas, s.temperature)
+        loss, _ = multispace_simclr_loss([encoder(mix(v)) for v in views], sizes, lambdas, s.temperature)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % log_every == 0 or step == s.steps:
-            history.append({"step": step, "loss": float(loss)})
-            print(f"  step {step}/{s.steps}  loss {float(loss):.4f}", flush=True)
+            history.append({"step": step, "loss": float(loss.detach())})
+            print(f"  step {step}/{s.steps}  loss {float(loss.detach()):.4f}", flush=True)
     train_seconds = time.time() - t0
     with torch.no_grad():
         c = latents.content(s.eval_samples, g)
@@ -175,6 +178,26 @@ def format_matrix(result: dict, key: str) -> str:
     return "\n".join(lines)
 
 
+def provenance(argv: list[str]) -> dict:
+    """The command, the commit (``-dirty`` with uncommitted changes to the package) and the machine of this run."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                                  cwd=Path(__file__).parent).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no", "--", str(Path(__file__).parents[1])):
+        commit += "-dirty"
+    return {
+        "command": " ".join(["python -m dg_lightning.bench.identifiability", *argv]), "commit": commit,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "python": platform.python_version(), "system": platform.platform()},
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f, v in asdict(Setting()).items():
@@ -183,7 +206,7 @@ def main(argv=None) -> int:
     args = vars(p.parse_args(argv))
     out = Path(args.pop("out"))
     torch.set_num_threads(1)
-    result = run(Setting(**args))
+    result = {**provenance(sys.argv[1:] if argv is None else list(argv)), **run(Setting(**args))}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"\nR² (linear regression), rows: embedding spaces, columns: latent blocks\n{format_matrix(result, 'r2_linear')}")

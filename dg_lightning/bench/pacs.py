@@ -1,6 +1,7 @@
-"""Leave-one-domain-out on real PACS: `make bench-pacs`, `make bench-pacs-methods`, `make bench-pacs-ssl`.
+"""Leave-one-domain-out on real PACS: `make bench-pacs`, `make bench-pacs-methods`, `make bench-pacs-baselines`,
+`make bench-pacs-ssl`.
 
-    python -m dg_lightning.bench.pacs [--suite erm|methods|ssl] [--device auto|cpu|gpu] [--root DIR]
+    python -m dg_lightning.bench.pacs [--suite erm|methods|ssl|baselines] [--device auto|cpu|gpu] [--root DIR]
                                       [--seeds 0 1] [--out DIR] [--dry-run] [-- CLI overrides]
 
 The bench uses the hardware it finds (``--device auto``). Overrides after ``--`` reach every run
@@ -8,7 +9,8 @@ The bench uses the hardware it finds (``--device auto``). Overrides after ``--``
 
 Suite ``erm`` (`make bench-pacs`), on a GPU: DomainBed's protocol at paper scale, ERM with a
 ResNet-50 on torchvision's ImageNet weights (timm ``resnet50.tv_in1k``), 224 px, 5,000 steps of
-3 x 32 images, ``bf16-mixed``, loader workers, seeds 0 1 2 (``experiments/pacs/erm.yaml``); it
+3 x 32 images, ``bf16-mixed``, channels-last, augmentation batched on the GPU from the decoded-image
+cache, loader workers, seeds 0 1 2 (``experiments/pacs/erm.yaml``); it
 measures this GPU's step time first and prints how long the whole table will take. The weights
 must be in the Hugging Face cache (nothing is downloaded at run time; the error says how to fetch
 them once). On the CPU: two small tables, ERM with a ResNet-18 from scratch at 64 px and ERM
@@ -18,7 +20,10 @@ Suite ``methods`` (`make bench-pacs-methods`): ERM, RISE and GCISG, all on the p
 Suite ``ssl`` (`make bench-pacs-ssl`): SimCLR, SimCLR + DDM and multi-space style disentanglement,
 pre-trained from scratch on the source domains at 64 px, judged by linear probes (in-domain and
 held-out accuracy).
-Suites ``methods`` and ``ssl`` run their CPU configs, on the GPU when there is one.
+Suite ``baselines`` (`make bench-pacs-baselines`): ERM, CORAL and ERM + SWAD on the pretrained lite0 at
+96 px with the schedule of ``erm``'s lite0 table (SWAD validating every 5 of the 125 steps; its run also
+reports ERM's own selections).
+Suites ``methods``, ``baselines`` and ``ssl`` run their CPU configs, on the GPU when there is one.
 Writes ``<out>/bench_pacs.json`` (every table, per-run numbers, wall times; the command, commit
 and machine) and ``<out>/bench_pacs.md``.
 """
@@ -51,6 +56,11 @@ SUITES = {
         "rise-lite0-96px": "experiments/cpu/pacs_rise_lite0.yaml",
         "gcisg-lite0-96px": "experiments/cpu/pacs_gcisg_lite0.yaml",
     },
+    "baselines": {
+        "erm-lite0-96px": "experiments/cpu/pacs_erm_lite0.yaml",
+        "coral-lite0-96px": "experiments/cpu/pacs_coral_lite0.yaml",
+        "erm-swad-lite0-96px": "experiments/cpu/pacs_erm_swad_lite0.yaml",
+    },
     "ssl": {
         "simclr-resnet18-64px": "experiments/cpu/pacs_ssl_simclr.yaml",
         "simclr-ddm-resnet18-64px": "experiments/cpu/pacs_ssl_ddm.yaml",
@@ -62,7 +72,8 @@ GPU_SUITES = {
     "erm": {"resnet50-imagenet-224px": "experiments/pacs/erm.yaml"},
 }
 GPU_SEEDS, CPU_SEEDS = [0, 1, 2], [0, 1]
-DEFAULT_OUT = {"erm": "bench/pacs", "methods": "bench/pacs-methods", "ssl": "bench/pacs-ssl"}
+DEFAULT_OUT = {"erm": "bench/pacs", "methods": "bench/pacs-methods", "ssl": "bench/pacs-ssl",
+               "baselines": "bench/pacs-baselines"}
 
 
 @dataclass
@@ -119,7 +130,7 @@ def measure_step(config: str, overrides: list[str], root: Path) -> float:
 
     kept = [o for o in overrides if not o.startswith(("--trainer.", "--data.num_workers"))]
     rows = time_steps([config], [f"--data.root={root}", *kept, "--data.num_workers=0"], steps=10, warmup=3,
-                      device="cuda", precision="bf16")
+                      device="cuda", precision="bf16", loader_batches=0)
     return rows[0]["seconds_per_step"]
 
 
@@ -216,7 +227,7 @@ def main(argv=None) -> int:
         report["tables"][name] = {"config": cfg, "command": " ".join(cmd), "wall_seconds": round(wall, 1),
                                   "runs": summary["runs"], "failed": summary.get("failed", [])}
         md.append(f"### {name} ({cfg})\n\n{table}\nWall time: {wall / 60:.1f} min for "
-                  f"{len(summary['domains'])} domains x {len(args.seeds)} seeds.\n")
+                  f"{len(summary['domains'])} domains x {len(plan.seeds)} seeds.\n")
         (out / "bench_pacs.json").write_text(json.dumps(report, indent=2))
         (out / "bench_pacs.md").write_text("\n".join(md))
     if md:

@@ -1,15 +1,29 @@
-"""`make bench-speed`: training throughput with the full data pipeline vs. the compute limit.
+"""`make bench-speed`: training throughput of the data paths against the compute limit and DomainBed's loop.
 
-    python -m dg_lightning.bench.speed [--root PACS_DIR] [--backbone resnet18] [--image-size 64]
-                                       [--workers 0 1 2] [--steps 30] [--out bench/speed.json]
+    python -m dg_lightning.bench.speed [--device cpu|cuda] [--methods erm gcisg] [--models resnet18@64 ...]
+                                       [--workers 0 1 2] [--rounds 3] [--steps 20] [--out bench/speed.json]
 
-* pipeline: ``Trainer.fit`` on the PACS data module (JPEG decode, augmentation, domain-balanced
-  batches, Lightning's loop and logging), images/s over the timed steps;
-* compute limit: the same method's forward/backward/step on one batch already in memory;
-* ratio = pipeline / compute (1.0 = the data pipeline costs nothing).
+For each method and backbone@size, in interleaved rounds (so that ratios survive a noisy machine):
 
-Without PACS it writes the embedded dataset as JPEGs into a temporary folder so the pipeline
-still decodes files. Prints a table and writes JSON.
+* ``compute``: the method's forward, backward and Adam step on one batch already in memory (already
+  augmented, on the device): the limit any data path can reach;
+* ``per-sample``: ``Trainer.fit`` with today's path: every image JPEG-decoded and augmented with PIL in
+  the loader (``batch_augment: false``), the balanced sampler, Lightning's loop with a CSV logger
+  and per-step reseeding (as ``dg-lightning fit``);
+* ``batched``: the same with the new path: images read from the decoded-image cache, crop in the
+  loader, colour augmentation on the batch's device (``batch_augment: true, cache_images: true``);
+* ``domainbed`` (ERM only): a plain PyTorch loop doing what ``domainbed/scripts/train.py`` does per
+  step: one infinite loader per source domain (``InfiniteDataLoader``: random sampling with
+  replacement, ``num_workers`` each), torchvision's PIL transforms per image (DomainBed's
+  ``augment_transform``, ImageNet normalisation included), the batches concatenated, cross-entropy,
+  Adam, ``loss.item()``; the same backbone and head, the same images and batch.
+
+Rows give images/s per round, the median, the median ratio to the same round's compute limit, and
+for ``batched`` the median ratio to ``domainbed`` at the same worker count. Each round runs the
+measurements in the opposite order of the previous one. ``--device cuda``: ResNet-50 at 224 px,
+batch 32 x 3, bf16 autocast (``bf16-mixed``), channels-last, a worker sweep up to the machine's cores.
+Without PACS it writes the embedded shapes as 96 px JPEGs into a temporary folder.
+Writes JSON with the command, the commit and the machine; prints a table.
 """
 
 from __future__ import annotations
@@ -18,37 +32,25 @@ import argparse
 import json
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
+from dg_lightning.core.callbacks import ChannelsLast, StepSeed
 from dg_lightning.data import PACS, ImageFolderDomains
-from dg_lightning.methods import ERM
+
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 
-class StepTimer(L.Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.times = warmup, []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.times.append(time.perf_counter())
-
-
-def pipeline_throughput(dm, backbone: str, steps: int, warmup: int) -> float:
-    model = ERM(num_classes=dm.num_classes, backbone=backbone, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
-    timer = StepTimer(warmup)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps + warmup + 1, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False, callbacks=[timer], num_sanity_val_steps=0)
-    trainer.fit(model, datamodule=dm)
-    t = timer.times[warmup:]
-    per_batch = dm.batch_size * len(dm.train_domains)
-    return per_batch * (len(t) - 1) / (t[-1] - t[0])
-
-
+# -- the compute limit -----------------------------------------------------------------------------------
 def seconds_per_step(model, batch, opt: torch.optim.Optimizer, steps: int, warmup: int,
                      precision: str = "32") -> float:
     """Mean time of ``training_losses`` + backward + optimiser step on one in-memory batch, on the
@@ -73,63 +75,288 @@ def seconds_per_step(model, batch, opt: torch.optim.Optimizer, steps: int, warmu
     return (time.perf_counter() - t0) / steps
 
 
-def compute_throughput(dm, backbone: str, steps: int, warmup: int) -> float:
-    model = ERM(num_classes=dm.num_classes, backbone=backbone)
-    batch = next(iter(dm.train_dataloader()))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    return len(batch[0]) / seconds_per_step(model, batch, opt, steps, warmup)
+# -- the suite's pipelines --------------------------------------------------------------------------------
+class _Timer(L.Callback):
+    """Wall time from the start of batch ``warmup`` to the start of batch ``warmup + steps`` (synchronised
+    only at those two points, so the loop runs as it would)."""
+
+    def __init__(self, warmup: int, steps: int):
+        self.warmup, self.steps, self.t0, self.seconds = warmup, steps, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx in (self.warmup, self.warmup + self.steps):
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            if batch_idx == self.warmup:
+                self.t0 = now
+            else:
+                self.seconds = now - self.t0
+
+
+class Setup:
+    """What one measurement needs: the data (PACS or the embedded shapes as JPEGs), the method, the device."""
+
+    def __init__(self, args, method: str, backbone: str, size: int, pretrained):
+        self.args, self.method, self.backbone, self.size, self.pretrained = args, method, backbone, size, pretrained
+        self.cuda = args.device == "cuda"
+        self.batched_training: bool | None = None
+
+    def datamodule(self, workers: int, batched: bool, steps: int):
+        kw = dict(test_domains=["sketch"], batch_size=self.args.batch_size, image_size=self.size, num_workers=workers,
+                  split_seed=0, steps_per_epoch=steps + 2, batch_augment=batched, cache_images=batched)
+        if self.args.pacs:
+            return PACS(root=self.args.root, **kw)
+        return ImageFolderDomains(root=self.args.root, **kw)
+
+    def model(self):
+        from dg_lightning.methods import ERM, GCISG
+
+        kw = dict(num_classes=7 if self.args.pacs else 6, backbone=self.backbone, pretrained=self.pretrained,
+                  optimizer=lambda p: torch.optim.Adam(p, lr=1e-4))
+        if self.method == "gcisg":
+            return GCISG(queue_size=4096, **kw)
+        return ERM(**kw)
+
+    @property
+    def images_per_step(self) -> int:
+        return self.args.batch_size * 3
+
+
+def compute_throughput(s: Setup, steps: int, warmup: int) -> float:
+    dm = s.datamodule(0, True, steps)
+    dm.prepare_data()
+    model = s.model()
+    device = torch.device("cuda" if s.cuda else "cpu")
+    model.to(device)
+    if s.cuda:
+        model.to(memory_format=torch.channels_last)
+    batch = dm.finish_batch(next(iter(dm.train_dataloader())))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return s.images_per_step / seconds_per_step(model, batch, opt, steps, warmup, "bf16" if s.cuda else "32")
+
+
+def pipeline_throughput(s: Setup, workers: int, batched: bool, steps: int, warmup: int) -> float:
+    dm = s.datamodule(workers, batched, warmup + steps)
+    timer = _Timer(warmup, steps)
+    callbacks = [timer, StepSeed()] + ([ChannelsLast()] if s.cuda else [])
+    with tempfile.TemporaryDirectory() as logs:
+        trainer = L.Trainer(
+            accelerator="gpu" if s.cuda else "cpu", devices=1, precision="bf16-mixed" if s.cuda else "32-true",
+            max_steps=warmup + steps + 1, limit_val_batches=0, num_sanity_val_steps=0,
+            logger=L.pytorch.loggers.CSVLogger(logs), log_every_n_steps=5, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+            callbacks=callbacks, default_root_dir=logs)
+        trainer.fit(s.model(), datamodule=dm)
+    if batched:  # False if the method replaced the preset by per-sample views (then the batched row is not)
+        s.batched_training = dm.batched_training
+    return s.images_per_step * steps / timer.seconds
+
+
+# -- DomainBed's loop ---------------------------------------------------------------------------------------
+class _InfiniteSampler(Sampler):
+    """DomainBed's ``_InfiniteSampler``: a batch sampler repeated for ever."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        while True:
+            yield from self.sampler
+
+
+class _Images(Dataset):
+    """torchvision's ImageFolder on a list of files: PIL loading, then the transform."""
+
+    def __init__(self, paths, labels, transform):
+        from torchvision.datasets.folder import default_loader
+
+        self.paths, self.labels, self.transform, self.loader = list(paths), list(labels), transform, default_loader
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(self.loader(self.paths[i])), self.labels[i]
+
+
+def domainbed_throughput(s: Setup, workers: int, steps: int, warmup: int) -> float:
+    """``domainbed/scripts/train.py``'s step with ``InfiniteDataLoader`` per source domain and ERM's update."""
+    from torchvision import transforms as T
+
+    augment = T.Compose([T.RandomResizedCrop(s.size, scale=(0.7, 1.0)), T.RandomHorizontalFlip(),
+                         T.ColorJitter(0.3, 0.3, 0.3, 0.3), T.RandomGrayscale(), T.ToTensor(), T.Normalize(*IMAGENET)])
+    dm = s.datamodule(0, False, steps)
+    dm.setup()
+    loaders = []
+    for d in dm.train_domains:
+        items, labels = dm._data[d]
+        idx = dm.split_indices(d, "in")
+        ds = _Images([items[i] for i in idx], [labels[i] for i in idx], augment)
+        batches = BatchSampler(RandomSampler(ds, replacement=True), batch_size=s.args.batch_size, drop_last=True)
+        loaders.append(iter(DataLoader(ds, num_workers=workers, batch_sampler=_InfiniteSampler(batches))))
+    device = torch.device("cuda" if s.cuda else "cpu")
+    model = s.model().to(device)
+    if s.cuda:
+        model.to(memory_format=torch.channels_last)
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.cuda)
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        minibatches = [(x.to(device), y.to(device)) for x, y in (next(it) for it in loaders)]
+        all_x = torch.cat([x for x, _ in minibatches])
+        all_y = torch.cat([y for _, y in minibatches])
+        with autocast:  # the images are normalised already: the backbone and head directly
+            loss = F.cross_entropy(model.classifier(model.backbone(all_x)), all_y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss.item()
+    seconds = time.perf_counter() - t0
+    del loaders  # ends the workers
+    return s.images_per_step * steps / seconds
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+           "python": platform.python_version(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--root", default=os.environ.get("PACS_ROOT") or "../shared/data/pacs")
+    p.add_argument("--methods", nargs="+", default=["erm", "gcisg"], choices=["erm", "gcisg"])
+    p.add_argument("--models", nargs="+", default=None,
+                   help="backbone@size[:wheel]; default cpu: resnet18@64 tf_efficientnet_lite0@96:wheel, cuda: resnet50@224")
+    p.add_argument("--batch-size", type=int, default=None, help="per source domain (default cpu 24, cuda 32)")
+    p.add_argument("--workers", type=int, nargs="+", default=None,
+                   help="loader workers (default cpu 0 1 2; cuda 0 2 4 8 ... up to the cores)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--gcisg-steps", type=int, default=10, help="timed steps per GCISG measurement")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-domainbed", action="store_true", help="skip the DomainBed loop")
+    p.add_argument("--out", default="bench/speed.json")
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.models = args.models or (["resnet50@224"] if cuda else ["resnet18@64", "tf_efficientnet_lite0@96:wheel"])
+    args.batch_size = args.batch_size or (32 if cuda else 24)
+    if args.workers is None:
+        cores = os.cpu_count() or 1
+        args.workers = [0] + [w for w in (2, 4, 8, 16, 32, 64) if w <= cores] if cuda else [0, 1, 2]
+    return args
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=os.environ.get("PACS_ROOT") or "../shared/data/pacs")
-    p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=24, help="per source domain")
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--out", default="bench/speed.json")
-    args = p.parse_args(argv)
-
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
     tmp = None
-    if (Path(args.root) / "photo").is_dir():
-        make = lambda w: PACS(root=args.root, test_domains=["sketch"], batch_size=args.batch_size,  # noqa: E731
-                              image_size=args.image_size, num_workers=w, split_seed=0)
+    args.pacs = (Path(args.root) / "photo").is_dir()
+    if args.pacs:
         data = f"PACS ({args.root})"
     else:
         from dg_lightning.data.synthetic import write_image_folder
 
         tmp = tempfile.TemporaryDirectory()
         write_image_folder(tmp.name, per_class=60, size=96, fmt="jpg")
-        make = lambda w: ImageFolderDomains(root=tmp.name, test_domains=["sketch"],  # noqa: E731
-                                            batch_size=args.batch_size, image_size=args.image_size,
-                                            num_workers=w, split_seed=0)
+        args.root = tmp.name
         data = "embedded shapes written as 96 px JPEGs (PACS not found)"
-    compute = compute_throughput(make(0), args.backbone, args.steps, args.warmup)
-    rows = []
-    for w in args.workers:
-        pipe = pipeline_throughput(make(w), args.backbone, args.steps, args.warmup)
-        rows.append({"num_workers": w, "pipeline_img_per_s": round(pipe, 1), "ratio": round(pipe / compute, 3)})
-    result = {
-        "data": data, "backbone": args.backbone, "image_size": args.image_size,
-        "batch": f"{args.batch_size} x 3 source domains", "steps_timed": args.steps,
-        "compute_img_per_s": round(compute, 1), "pipelines": rows,
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(),
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"{args.backbone} at {args.image_size} px on {data}, batch {result['batch']}")
-    print(f"compute limit (in-memory batch): {compute:.1f} img/s")
-    print("| num_workers | pipeline img/s | pipeline / compute |\n|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['num_workers']} | {r['pipeline_img_per_s']} | {r['ratio']:.2f} |")
-    print(f"written: {out}")
+
+    suites = []
+    for method in args.methods:
+        for spec in args.models:
+            name, _, weights = spec.partition(":")
+            backbone, _, size = name.partition("@")
+            suites.append(Setup(args, method, backbone, int(size), weights or False))
+
+    results = []
+    for s in suites:
+        steps = args.gcisg_steps if s.method == "gcisg" else args.steps
+        t0 = time.perf_counter()
+        s.datamodule(0, True, steps).prepare_data()  # the decoded-image cache, built once (not timed)
+        cache_seconds = round(time.perf_counter() - t0, 1)
+        items = [("compute", None)] + [(p, w) for w in args.workers for p in ("per-sample", "batched", "domainbed")
+                                       if not (p == "domainbed" and (s.method != "erm" or args.no_domainbed))]
+        rounds: dict[tuple, list[float]] = {k: [] for k in items}
+        for r in range(args.rounds):
+            for pipeline, w in (items if r % 2 == 0 else items[::-1]):
+                if pipeline == "compute":
+                    v = compute_throughput(s, steps, args.warmup)
+                elif pipeline == "domainbed":
+                    v = domainbed_throughput(s, w, steps, args.warmup)
+                else:
+                    v = pipeline_throughput(s, w, pipeline == "batched", steps, args.warmup)
+                rounds[(pipeline, w)].append(v)
+                print(f"[{s.method} {s.backbone}@{s.size} round {r}] {pipeline}"
+                      f"{'' if w is None else f' workers={w}'}: {v:.1f} img/s", flush=True)
+        limit = rounds[("compute", None)]
+        rows = []
+        for (pipeline, w), vals in rounds.items():
+            row = {"pipeline": pipeline, "num_workers": w, "img_per_s": [round(v, 2) for v in vals],
+                   "median_img_per_s": round(statistics.median(vals), 2),
+                   "ratio_to_compute": round(statistics.median(v / c for v, c in zip(vals, limit)), 3)}
+            if pipeline == "batched" and ("domainbed", w) in rounds:
+                row["ratio_to_domainbed"] = round(statistics.median(
+                    v / d for v, d in zip(vals, rounds[("domainbed", w)])), 3)
+            rows.append(row)
+        results.append({"method": s.method, "backbone": s.backbone, "image_size": s.size,
+                        "pretrained": s.pretrained or False, "batch": f"{args.batch_size} x 3 source domains",
+                        "steps_timed": steps, "warmup": args.warmup, "cache_build_s": cache_seconds,
+                        "batched_augmentation_in_training": s.batched_training, "rows": rows})
+
+    out = {"command": "python -m dg_lightning.bench.speed " + " ".join(argv), "commit": commit(),
+           "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "device": args.device,
+           "precision": "bf16-mixed, channels-last" if args.device == "cuda" else "32",
+           "data": data, "rounds": args.rounds, "results": results}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    print(render(out))
+    print(f"written: {path}")
     if tmp is not None:
         tmp.cleanup()
     return 0
+
+
+def render(out: dict) -> str:
+    lines = [f"{out['device']} ({out['machine'].get('gpu') or out['machine']['cpu']}), {out['data']}, "
+             f"{out['rounds']} rounds, commit {out['commit']}"]
+    for res in out["results"]:
+        lines += ["", f"**{res['method'].upper()}, {res['backbone']} @ {res['image_size']} px**, batch {res['batch']}",
+                  "", "| pipeline | workers | img/s (median) | / compute | batched / DomainBed |", "|---|---:|---:|---:|---:|"]
+        for r in res["rows"]:
+            w = "" if r["num_workers"] is None else r["num_workers"]
+            vs = r.get("ratio_to_domainbed", "")
+            lines.append(f"| {r['pipeline']} | {w} | {r['median_img_per_s']} | {r['ratio_to_compute']:.2f} | {vs} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import timm
 import torch
 from torch import nn
 
+import dg_lightning.core.mnist_cnn  # noqa: F401  (registers DomainBed's `domainbed_mnist_cnn` with timm)
 from dg_lightning.core.errors import ConfigError, DataNotFoundError
 
 # timm name -> (wheel package, module, class with get_model_file_path())

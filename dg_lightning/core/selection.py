@@ -7,6 +7,10 @@ Two selections are always reported, each named (DomainBed, Gulrajani & Lopez-Paz
 * ``oracle``: test-domain validation, DomainBed-style: the last checkpoint, reported separately
   (segmentation DG reports the last checkpoint: this row).
 
+Further selections come from callbacks: a :class:`~dg_lightning.core.callbacks.BestCheckpoint` on
+another monitor (ISSA's stylised proxy validation), or an
+:class:`~dg_lightning.core.callbacks.ExtraSelection` that makes weights of its own (SWAD's average).
+
 Each selection's checkpoint is tested on the held-out domains (``test``) and reports its accuracy on the
 source domains' "out" splits (``in_domain``: DomainBed's in-domain accuracy, and the in-domain
 linear-probe accuracy of the self-supervised methods): for the best checkpoint the values logged when
@@ -24,7 +28,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from dg_lightning.core.callbacks import BestCheckpoint, LastCheckpoint
+from dg_lightning.core.callbacks import BestCheckpoint, ExtraSelection, LastCheckpoint
 
 SELECTIONS = ("training-domain validation", "oracle")
 
@@ -63,9 +67,13 @@ def evaluate_selections(trainer: L.Trainer, model: L.LightningModule, datamodule
     if not last_path:
         raise RuntimeError("no last checkpoint was saved during fit: the oracle selection needs one")
     paths = {"training-domain validation": ckpt.best_model_path, "oracle": last_path}
-    # the best checkpoint is the last one when the final epoch scored best: the same weights, tested once
+    # the best checkpoint is the last one when the final validation scored best: the same weights, tested once
+    # (compared by global step where both callbacks recorded it: validation may run mid-epoch)
     last_epoch = trainer.current_epoch - 1
-    same = _epoch_of(paths["training-domain validation"]) == last_epoch and bool(getattr(ckpt, "best_val_metrics", None))
+    best_step, last_step = getattr(ckpt, "best_step", None), getattr(last, "saved_step", None)
+    same_weights = (best_step == last_step if best_step is not None and last_step is not None
+                    else _epoch_of(paths["training-domain validation"]) == last_epoch)
+    same = same_weights and bool(getattr(ckpt, "best_val_metrics", None))
     test = val = {}
     for name in SELECTIONS:
         t0 = time.time()
@@ -97,6 +105,19 @@ def evaluate_selections(trainer: L.Trainer, model: L.LightningModule, datamodule
                        round(time.time() - t0, 2))
         entry.update({"epoch": _epoch_of(extra.best_model_path), "monitor": extra.monitor,
                       "val": float(extra.best_model_score) if extra.best_model_score is not None else None})
+        record["selections"][extra.selection] = entry
+    # weights made by a callback (SWAD): tested and validated like the last checkpoint
+    for extra in trainer.callbacks:
+        if not isinstance(extra, ExtraSelection) or not extra.checkpoint_path:
+            continue
+        t0 = time.time()
+        trainer.test(model, datamodule=datamodule, ckpt_path=extra.checkpoint_path, verbose=False)
+        test = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        test_seconds = round(time.time() - t0, 2)
+        trainer.validate(model, datamodule=datamodule, ckpt_path=extra.checkpoint_path, verbose=False)
+        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        entry = _entry(model, datamodule, extra.checkpoint_path, test, val, test_seconds)
+        entry.update(extra.info())
         record["selections"][extra.selection] = entry
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(_finite(record), indent=2))

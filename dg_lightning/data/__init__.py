@@ -1,5 +1,7 @@
+from dg_lightning.data.domainbed import VLCS, OfficeHome, TerraIncognita
 from dg_lightning.data.domainnet import DomainNet
 from dg_lightning.data.folder import PACS, ImageFolderDomains
+from dg_lightning.data.mnist import ColoredMNIST, RotatedMNIST
 from dg_lightning.data.segmentation import (
     ACDC,
     BDD100K,
@@ -13,5 +15,6 @@ from dg_lightning.data.segmentation import (
 from dg_lightning.data.synthetic import SyntheticShapes
 from dg_lightning.data.wilds import WILDS
 
-__all__ = ["ACDC", "BDD100K", "GTA5", "PACS", "CamVid", "Cityscapes", "DarkZurich", "DomainNet", "ImageFolderDomains",
-           "MapillaryVistas", "SegmentationDG", "SyntheticShapes", "WILDS"]
+__all__ = ["ACDC", "BDD100K", "GTA5", "PACS", "VLCS", "CamVid", "Cityscapes", "ColoredMNIST", "DarkZurich", "DomainNet",
+           "ImageFolderDomains", "MapillaryVistas", "OfficeHome", "RotatedMNIST", "SegmentationDG", "SyntheticShapes",
+           "TerraIncognita", "WILDS"]

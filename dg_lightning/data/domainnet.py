@@ -30,6 +30,7 @@ from typing import Literal
 
 import numpy as np
 
+from dg_lightning.core.cache import cache_candidates, writable_folder
 from dg_lightning.core.data import MultiDomainDataModule, holdout_split, stable_seed
 from dg_lightning.core.errors import ConfigError, DataError
 from dg_lightning.data.folder import load_rgb
@@ -65,8 +66,8 @@ class DomainNet(MultiDomainDataModule):
         root: the dataset folder (default ``$DOMAINNET_ROOT``).
         domains: use only these domains (default: all six).
         protocol: ``domainbed`` or ``official`` (module docstring).
-        cache_dir: where the parsed index goes (default: ``<root>/.dg_lightning``, else ``$DG_CACHE``
-            or ``~/.cache/dg-lightning``).
+        cache_dir: where the parsed index (and, with ``cache_images``, the decoded images) go (default:
+            ``<root>/.dg_lightning``, else ``$DG_CACHE`` or ``~/.cache/dg-lightning``).
         (everything else: :class:`~dg_lightning.core.data.MultiDomainDataModule`)
     """
 
@@ -87,7 +88,7 @@ class DomainNet(MultiDomainDataModule):
             raise ConfigError(f"protocol {protocol!r}: choose domainbed or official")
         self.protocol, self._only_domains, self.cache_dir = protocol, domains, cache_dir
         self.index = self._load_index()
-        super().__init__(**kwargs)
+        super().__init__(cache_dir=cache_dir, **kwargs)
 
     # -- the cached index ------------------------------------------------------------------------
     def _list_files(self, domain: str) -> dict[str, Path]:
@@ -104,19 +105,8 @@ class DomainNet(MultiDomainDataModule):
                     raise self._missing(path)
 
     def _cache_path(self) -> Path:
-        candidates = [Path(self.cache_dir)] if self.cache_dir else [
-            self.root / ".dg_lightning", Path(os.environ.get("DG_CACHE", "~/.cache/dg-lightning")).expanduser()]
         key = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:12]
-        for folder in candidates:
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                probe = folder / ".write_test"
-                probe.touch()
-                probe.unlink()
-                return folder / f"domainnet_index_{key}.json"
-            except OSError:
-                continue
-        raise ConfigError(f"no writable cache folder among {candidates}: set data.cache_dir")
+        return writable_folder(cache_candidates(self.root, self.cache_dir)) / f"domainnet_index_{key}.json"
 
     def _fingerprint(self) -> dict[str, list[int]]:
         out = {}

@@ -38,6 +38,8 @@ class Source:
     #: ``module:Class`` of the data module whose constructor validates the layout
     datamodule: str | None = None
     note: str = ""
+    #: ``module:function(root)`` that downloads and checks the data itself (instead of ``url``)
+    fetch_with: str | None = None
 
 
 SOURCES: dict[str, Source] = {
@@ -47,6 +49,27 @@ SOURCES: dict[str, Source] = {
         filename="PACS.zip", md5="fd5db817f7cdafeef3bfd525aaf9b42e", inner="kfold",
         datamodule="dg_lightning.data.folder:PACS",
         note="DomainBed's copy of PACS (Li et al. 2017), 174 MB",
+    ),
+    # DomainBed's VLCS and OfficeHome archives (domainbed/scripts/download.py). The md5 values are the
+    # ones published beside the PACS md5 above in LarsKue/context-aware-domain-generalization
+    # (datasets/legacy/domain_bed); they were not recomputed here (no network on this machine).
+    "vlcs": Source(
+        url="https://drive.google.com/uc?export=download&confirm=t&id=1skwblH1_okBwxWxmRsp9_qi15hyPpxg8",
+        filename="VLCS.tar.gz", md5="8870171eba660927d9668f4e515928e4", inner="VLCS",
+        datamodule="dg_lightning.data.domainbed:VLCS",
+        note="DomainBed's copy of VLCS (Fang et al. 2013), Caltech101/LabelMe/SUN09/VOC2007, 5 classes",
+    ),
+    "officehome": Source(
+        url="https://drive.google.com/uc?export=download&confirm=t&id=1uY0pj7oFsjMxRwaD3Sxy0jgel0fsYXLC",
+        filename="office_home.zip", md5="b1c14819770c4448fd5b6d931031c91c", inner="OfficeHomeDataset_10072016",
+        datamodule="dg_lightning.data.domainbed:OfficeHome",
+        note="DomainBed's copy of OfficeHome (Venkateswara et al. 2017), 65 classes",
+    ),
+    # MNIST for ColoredMNIST / RotatedMNIST: torchvision's own download (its mirrors, md5 per archive)
+    "mnist": Source(
+        url="torchvision.datasets.MNIST", filename="", fetch_with="dg_lightning.data.mnist:download_mnist",
+        datamodule="dg_lightning.data.mnist:ColoredMNIST",
+        note="MNIST through torchvision (for ColoredMNIST and RotatedMNIST), 55 MB",
     ),
 }
 
@@ -109,6 +132,14 @@ def download(name: str, root: str | Path, url: str | None = None, md5: str | Non
         raise ConfigError(f"no download for {name!r}; available: {sorted(SOURCES)}")
     src = SOURCES[name]
     root = Path(root).expanduser()
+    if src.fetch_with:
+        if url or md5 or sha256:
+            raise ConfigError(f"{name} is downloaded by {src.fetch_with} with its own sources and checksums: "
+                              "--url/--md5/--sha256 do not apply")
+        module, func = src.fetch_with.split(":")
+        getattr(__import__(module, fromlist=[func]), func)(root)
+        _check_layout(src, root)
+        return root
     staging = root / ".download"
     archive = staging / src.filename
     md5 = md5 if (md5 or sha256) else src.md5
@@ -132,10 +163,15 @@ def download(name: str, root: str | Path, url: str | None = None, md5: str | Non
     shutil.rmtree(unpacked, ignore_errors=True)
     if not keep_archive:
         shutil.rmtree(staging, ignore_errors=True)
-    if src.datamodule:  # the data module's own layout check
+    _check_layout(src, root)
+    return root
+
+
+def _check_layout(src: Source, root: Path) -> None:
+    """The data module's own layout check (its constructor raises on a missing path)."""
+    if src.datamodule:
         module, cls = src.datamodule.split(":")
         getattr(__import__(module, fromlist=[cls]), cls)(root=str(root))
-    return root
 
 
 def main(argv: list[str]) -> int:

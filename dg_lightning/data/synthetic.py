@@ -130,7 +130,11 @@ class SyntheticShapes(MultiDomainDataModule):
         per_class: images per class and domain.
         render_size: side of the generated images (``image_size`` resizes them for the model).
         data_seed: seed of the generated images (fixed: the dataset, not the run).
+
+    The images live in memory, so ``cache_images`` keeps their resized copies in an array, not a file.
     """
+
+    cache_on_disk = False
 
     def __init__(self, per_class: int = 60, render_size: int = 32, data_seed: int = 0, **kwargs):
         self.default_image_size = render_size

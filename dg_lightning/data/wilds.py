@@ -211,12 +211,12 @@ class WILDS(L.LightningDataModule):
         sampler = DomainBalancedSampler([len(ds)], self.batch_size, self.steps_per_epoch, run_seed(self.split_seed),
                                         rank, world)
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
 
     def _eval(self, splits: list[str]) -> list[DataLoader]:
         rank, world = rank_world(self)
         return [DataLoader(ds, batch_size=self.eval_batch_size, sampler=ShardSampler(len(ds), rank, world),
-                           num_workers=self.num_workers)
+                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
                 for ds in (self.split(s) for s in splits)]
 
     def val_dataloader(self) -> list[DataLoader]:

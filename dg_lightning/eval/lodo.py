@@ -71,9 +71,10 @@ def resolve_experiment(args, overrides: list[str]) -> tuple[list[str], str, str,
 
 def fit_command(configs: list[str], overrides: list[str], domain: str, seed: int, run_dir: Path | str, group: str,
                 python: str = sys.executable) -> list[str]:
-    """The ``fit`` of one held-out domain and seed, in ``run_dir`` (``lodo`` and ``slurm lodo`` share it)."""
+    """The ``fit`` of one held-out domain and seed, in ``run_dir`` (``lodo`` and ``slurm lodo`` share it).
+    The domain is quoted so that a name YAML would read as a number (RotatedMNIST's ``15``) stays a name."""
     return [python, "-m", "dg_lightning.cli", "fit", *[a for c in configs for a in ("--config", c)], *overrides,
-            f"--data.test_domains=[{domain}]", f"--seed_everything={seed}", f"--trainer.default_root_dir={run_dir}",
+            f"--data.test_domains=['{domain}']", f"--seed_everything={seed}", f"--trainer.default_root_dir={run_dir}",
             f"--wandb.group={group}", f"--wandb.name={group}-{domain}-seed{seed}"]
 
 

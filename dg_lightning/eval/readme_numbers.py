@@ -16,6 +16,12 @@ measurement). A number computed from others is declared where it is used, and ch
 ``<!-- derived: 29.5 = 62.8 - 33.3 -->`` (each operand must be held, the arithmetic must give it);
 a number that is not measured at all (chance level) likewise: ``<!-- constant: 14.3 = 100 / 7 -->``.
 
+A table whose run has not been made yet sits between ``<!-- pending -->`` and ``<!-- /pending -->``:
+its cells say ``pending`` or ``TODO``, and the results files it names (:func:`named_results_files`)
+need not exist yet. A pending region is checked like a measured one (wherever it is), so a number
+typed into a pending table fails the check until its results file lands and the table becomes a
+rendered block (results/README.md: "When a pending table's results land").
+
 Adding a table: write one renderer (a few lines; the helpers below cover LODO tables, method x
 selection rows and plain rows), register it with ``@table("name")``, put the two markers in the
 README, run ``make readme-numbers``. results/README.md says the same.
@@ -125,12 +131,13 @@ def bench_pacs_methods(results: Path) -> str:
                         "GCISG": t["gcisg-lite0-96px"]["runs"]})
 
 
-@table("bench-speed")
-def bench_speed(results: Path) -> str:
-    d = load(results, "cpu/bench_speed.json")
+@table("bench-speed-previous")
+def bench_speed_previous(results: Path) -> str:
+    """The first version of ``make bench-speed`` (full pipeline against the compute limit, no rounds)."""
+    d = load(results, "cpu/bench_speed_previous.json")
     return md_table(["num_workers", "pipeline img/s", "pipeline / compute"],
                     ([p["num_workers"], f"{p['pipeline_img_per_s']:.1f}", f"{p['ratio']:.2f}"] for p in d["pipelines"]),
-                    "rrr")
+                    "rrr") + f"\n\nCompute limit: {d['compute_img_per_s']:.1f} img/s."
 
 
 @table("bench-steptime")
@@ -187,18 +194,22 @@ def bench_pacs_ssl(results: Path) -> str:
 
 @table("identifiability")
 def identifiability(results: Path) -> str:
-    d = load(results, "cpu/identifiability.json")
-    rows = []
-    for i, space in enumerate(d["spaces"]):
-        cells = []
-        for matrix in (d["r2_kernel"], d["r2_linear"]):
-            for j, v in enumerate(matrix[i]):
-                cell = fmt_signed(v)
-                cells.append(f"**{cell}**" if matrix is d["r2_kernel"] and i == j else cell)
-        rows.append([space, *cells])
-    blocks = d["blocks"]
-    header = ["space \\ latent", f"kernel ridge: {blocks[0]}", *blocks[1:], f"linear: {blocks[0]}", *blocks[1:]]
-    return md_table(header, rows)
+    """R² matrices of the official multi-space loss (``identifiability.json``) beside the earlier loss's
+    (``identifiability_old_loss.json``): kernel ridge, then linear regression; the diagonal in bold."""
+    new, old = load(results, "cpu/identifiability.json"), load(results, "cpu/identifiability_old_loss.json")
+    if new["spaces"] != old["spaces"] or new["blocks"] != old["blocks"]:
+        raise ValueError("identifiability.json and identifiability_old_loss.json have different spaces or blocks")
+    blocks = new["blocks"]
+    tables = []
+    for key, title in (("r2_kernel", "kernel ridge (RBF)"), ("r2_linear", "linear regression")):
+        rows = []
+        for i, space in enumerate(new["spaces"]):
+            cells = [f"**{fmt_signed(v)}**" if i == j else fmt_signed(v)
+                     for d in (new, old) for j, v in enumerate(d[key][i])]
+            rows.append([space, *cells])
+        header = [title, f"new: {blocks[0]}", *blocks[1:], f"old: {blocks[0]}", *blocks[1:]]
+        tables.append(md_table(header, rows))
+    return "\n\n".join(tables)
 
 
 # -- rendering --------------------------------------------------------------------------------------
@@ -214,6 +225,7 @@ def render(readme: str, results: Path) -> str:
 
 
 # -- every number held by a results file ------------------------------------------------------------
+PENDING = re.compile(r"<!-- pending -->(.*?)<!-- /pending -->", re.S)
 NUMBER = re.compile(r"(?<![\w.])[−-]?\d[\d,]*\.\d+(?![\w.]*\.\d)")  # a decimal; not x.y.z versions
 DECLARED = re.compile(r"<!-- (derived|constant): ([^=]+?) = ([^>]+?) -->")
 
@@ -270,11 +282,29 @@ def measured_regions(readme: str) -> str:
     without code spans and fenced code (commands, paths) and without HTML comments."""
     parts = re.findall(r"^## Measured results\n(.*?)(?=^## |\Z)", readme, re.S | re.M)
     parts += re.findall(r"<!-- measured -->(.*?)<!-- /measured -->", readme, re.S)
+    parts += [p for p in PENDING.findall(readme) if p not in "\n".join(parts)]  # pending ones elsewhere
     text = "\n".join(parts)
     text = re.sub(r"```.*?```", "", text, flags=re.S)
     text = re.sub(r"`[^`\n]*`", "", text)
     text = re.sub(r"\]\([^)]*\)", "]", text)  # link targets
     return re.sub(r"<!--.*?-->", "", text, flags=re.S)
+
+
+def named_results_files(readme: str) -> list[str]:
+    """Every ``results/...`` file the README names in a code span (``{a,b}`` alternatives expanded),
+    except in ``<!-- pending -->`` regions (files of runs not made yet)."""
+    names: set[str] = set()
+    for rel in re.findall(r"`(results/[\w./{},-]+)`", PENDING.sub("", readme)):
+        names.update(_expand(rel))
+    return sorted(names)
+
+
+def _expand(rel: str) -> list[str]:
+    """``results/cpu/bench_seg.{json,md}`` -> both names."""
+    m = re.search(r"\{([^}]*)\}", rel)
+    if not m:
+        return [rel]
+    return [n for alt in m.group(1).split(",") for n in _expand(rel[:m.start()] + alt + rel[m.end():])]
 
 
 def _declared(readme: str, held: set[str]) -> tuple[set[str], list[str]]:

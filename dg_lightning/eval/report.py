@@ -116,7 +116,10 @@ def bar_chart(rows: list[dict], path: Path, title: str = "") -> Path:
 
 REPORT_HELP = """Collect results.json files into DomainBed-style tables (methods x held-out domains, mean ±
 standard error over seeds, one table per benchmark and model selection), as markdown and LaTeX, and a
-per-domain bar chart PNG. Works from local results only (no W&B).
+per-domain bar chart PNG. Works from local results only (no W&B). Runs of a `dg-lightning sweep` are
+tabulated under DomainBed's three sweep criteria instead (training-domain validation set,
+leave-one-domain-out cross-validation, test-domain validation set (oracle)): hyperparameters chosen
+per held-out domain and trial seed, then averaged over trial seeds.
 
     dg-lightning report runs/lodo/erm-pacs runs/lodo/gcisg-pacs [--out reports/pacs]
         [--selection "training-domain validation"] [--label method|dir] [--metric official/acc_avg]
@@ -195,7 +198,9 @@ def _columns(table: dict[str, dict]) -> list[str]:
     return sorted({d for t in table.values() for d in t if d != "Avg"}) + ["Avg"]
 
 
-def report_markdown(tables: dict, metric_names: dict[str, str] | None = None) -> str:
+def report_markdown(tables: dict, metric_names: dict[str, str] | None = None,
+                    notes: dict[tuple[str, str], str] | None = None) -> str:
+    """Markdown tables; ``notes[(benchmark, selection)]`` replaces a table's footnote (sweep selections)."""
     parts = []
     for (data, sel), table in tables.items():
         metric_name = (metric_names or {}).get(data, "accuracy")
@@ -206,8 +211,9 @@ def report_markdown(tables: dict, metric_names: dict[str, str] | None = None) ->
         parts.append("|---|" + "---:|" * len(cols))
         for method, t in table.items():
             parts.append(f"| {method} | " + " | ".join(fmt(*t[c][:2]) if c in t else "—" for c in cols) + " |")
-        parts.append(f"\nmean ± standard error over seeds (up to {seeds}); Avg = mean over domains per seed, "
-                     "then over seeds (seeds missing a domain are left out of it).\n")
+        parts.append("\n" + ((notes or {}).get((data, sel)) or
+                              f"mean ± standard error over seeds (up to {seeds}); Avg = mean over domains per seed, "
+                              "then over seeds (seeds missing a domain are left out of it).") + "\n")
     return "\n".join(parts)
 
 
@@ -261,9 +267,28 @@ def report_main(argv: list[str]) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    rows, warnings = report_rows(files, args.label, args.metric, args.runs)
+    # runs of a `dg-lightning sweep`: hyperparameters chosen per held-out domain by DomainBed's criteria
+    from dg_lightning.eval import model_selection as ms
+
+    sweep_files = [f for f in files if ms.is_sweep_run(f.parent)]
+    files = [f for f in files if f not in sweep_files]
+    rows, warnings = report_rows(files, args.label, args.metric, args.runs) if files else ([], [])
+    notes = {}
+    if sweep_files:
+        runs, sweep_warnings = ms.find_sweep_runs(args.runs, args.label)
+        warnings += sweep_warnings
+        if args.metric:
+            warnings.append(f"--metric {args.metric} does not apply to sweep runs: their selection uses accuracy")
+        sweep = ms.sweep_rows(runs)
+        for key in {(r["data"], r["selection"]) for r in sweep}:
+            notes[key] = ms.sweep_note([r for r in sweep if (r["data"], r["selection"]) == key])
+        rows += sweep
+        files += sweep_files
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
+    if not rows:
+        print(f"error: no finished run to tabulate under {args.runs} (see the warnings above)", file=sys.stderr)
+        return 1
     if args.selection:
         known = sorted({r["selection"] for r in rows})
         unknown = [s for s in args.selection if s not in known]
@@ -278,12 +303,14 @@ def report_main(argv: list[str]) -> int:
     names = {r["data"]: r["metric"] for r in rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    md = report_markdown(tables, names)
+    md = report_markdown(tables, names, notes)
     (out / "report.md").write_text(md)
     (out / "report.tex").write_text(report_latex(tables, names))
     report_chart(tables, out / "report.png", names)
     (out / "report.json").write_text(json.dumps({
         "files": [str(f) for f in files], "warnings": warnings,
+        "sweep_choices": [{k: r[k] for k in ("method", "data", "selection", "domain", "seed", "acc", "val", "step",
+                                             "hparams_seed", "hparams", "file")} for r in rows if "hparams_seed" in r],
         "tables": {f"{d} | {s}": {m: {c: {"mean": v[0], "se": v[1], "n": v[2]} for c, v in t.items()}
                                   for m, t in table.items()} for (d, s), table in tables.items()},
     }, indent=2))

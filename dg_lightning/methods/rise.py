@@ -14,10 +14,23 @@ pulled towards CLIP's *text* embedding of the class, in absolute and in relative
     L_RD  = 10 * MSE(softmax_j cos(e, A_yj), softmax_j cos(T~_y, A_yj))
     L     = w1 L_KD + w2 L_CE + w3 (L_AD + L_RD)
 
+Followed: the official code, WisconsinAIVision/RISE ``train_rise.py`` (``Trainer.__init__``: the
+prompts, anchors and classifier initialisation; ``Trainer._do_epoch``: the losses). As there:
+
+* prompts use the class and domain names exactly as the data gives them (``"a art_painting of a
+  dog"``; OfficeHome's ``"itap of a Alarm_Clock."``); ``readable_names: true`` writes underscores
+  as spaces instead (``"a art painting of a dog"``);
+* anchors are the source domains (``anchor_names`` replaces them by fixed words, as the official
+  code does for VLCS and TerraIncognita: ``[bright photo, corrupted photo, dark photo, good photo]``);
+* the classifier's weight starts as T (its bias as initialised), once, when the model is built
+  for training: at the start of the first fit of a model that was not loaded from a checkpoint.
+  A checkpoint (``load_from_checkpoint``, ``ckpt_path``) always keeps its trained classifier.
+
 Class and anchor embeddings come from the data module's class and source-domain names, computed
-once when a fit starts and cached (never per step). The teacher is loaded through open_clip by
-model name, with weights from an open_clip pretrained tag or a local checkpoint file
-(``clip_pretrained``; ``null`` gives random weights, which is what the offline tests use).
+once when a fit (or test) starts and cached (never per step). The teacher is loaded through
+open_clip by model name (official: OpenAI's ``clip`` package, ViT-B/16), with weights from an
+open_clip pretrained tag or a local checkpoint file (``clip_pretrained``; ``null`` gives random
+weights, which is what the offline tests use).
 """
 
 from __future__ import annotations
@@ -71,6 +84,8 @@ class RISE(DGMethod):
         clip_image_size: input side of the teacher (``null``: the model's own, 224 for ViT-B-16).
         tau: distillation temperature (3).
         w_kd / w_ce / w_dist: w1, w2, w3 (PACS: (0.9, 0.1) or (0.8, 0.2); w3 in {0.5, 1, 2}).
+        readable_names: prompts with ``_`` in class and domain names written as spaces (official: false).
+        anchor_names: the words of the anchors ``"a {d} of a {c}"`` (``null``: the source-domain names).
         (everything else: :class:`DGMethod`)
 
     The frozen CLIP teacher is rebuilt from ``clip_model``/``clip_pretrained`` and kept out of checkpoints.
@@ -89,6 +104,8 @@ class RISE(DGMethod):
         w_kd: float = 0.9,
         w_ce: float = 0.1,
         w_dist: float = 1.0,
+        readable_names: bool = False,
+        anchor_names: list[str] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -113,6 +130,8 @@ class RISE(DGMethod):
         self.register_buffer("class_text_raw", torch.zeros(self.hparams.num_classes, dim), persistent=False)
         self.register_buffer("anchors", torch.zeros(self.hparams.num_classes, 0, dim), persistent=False)
         self.text_cache_key: tuple | None = None
+        # the classifier starts from the class text once: at the first fit, unless loaded from a checkpoint
+        self.classifier_from_text = False
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -133,25 +152,38 @@ class RISE(DGMethod):
         key = (tuple(classes), tuple(domains))
         if key == self.text_cache_key:
             return
-        names = [c.replace("_", " ") for c in classes]
+        names, words = self.prompt_names(classes), self.prompt_names(self.hparams.anchor_names or domains)
         per_template = torch.stack([self.encode_text([t.format(c=c) for c in names]) for t in TEMPLATES])
         raw = per_template.mean(dim=0)
-        anchors = torch.stack([self.encode_text([ANCHOR_TEMPLATE.format(d=d.replace("_", " "), c=c) for c in names])
-                               for d in domains], dim=1)  # (K, J, D)
+        anchors = torch.stack([self.encode_text([ANCHOR_TEMPLATE.format(d=d, c=c) for c in names])
+                               for d in words], dim=1)  # (K, J, D)
         self.class_text_raw, self.class_text, self.anchors = raw, F.normalize(raw, dim=1), anchors
         self.text_cache_key = key
 
+    def prompt_names(self, names: list[str]) -> list[str]:
+        """Names as prompts write them: as given (official) or with ``_`` as spaces (``readable_names``)."""
+        return [n.replace("_", " ") for n in names] if self.hparams.readable_names else list(names)
+
     def bind_data(self, dm) -> None:
         """Cache the class and anchor text embeddings for the data module's class and source-domain
-        names; the first time (or when the names change) the classifier starts from the class text."""
+        names (fit, validate, test). Never touches the classifier (see :meth:`on_fit_start`)."""
         super().bind_data(dm)
         if not hasattr(dm, "classes") or not hasattr(dm, "train_domains"):
             raise RuntimeError("RISE needs a data module with class and domain names (classes, train_domains)")
-        key = (tuple(dm.classes), tuple(dm.train_domains))
-        if key != self.text_cache_key:
-            self.cache_text_embeddings(list(dm.classes), list(dm.train_domains))
-            with torch.no_grad():  # classifier initialised from the class text embeddings
+        self.cache_text_embeddings(list(dm.classes), list(dm.train_domains))
+
+    def on_fit_start(self) -> None:
+        """A fresh model's first fit: the classifier starts from the class text embeddings (official
+        ``model.fc.weight.data = text_features_ems``). Runs after a ``ckpt_path`` is restored, and a
+        model restored from any checkpoint keeps its classifier."""
+        if not self.classifier_from_text:
+            with torch.no_grad():
                 self.classifier.weight.copy_(self.class_text)
+            self.classifier_from_text = True
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.classifier_from_text = True  # the checkpoint's classifier is the one to keep
 
     # -- model ---------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import albumentations as A
@@ -40,6 +40,7 @@ from dg_lightning.core.data import (
     holdout_split,
     rank_world,
     run_seed,
+    seeded,
     stable_seed,
 )
 from dg_lightning.core.errors import ConfigError, DataError, DataNotFoundError
@@ -175,12 +176,15 @@ def train_augmentation(crop_size: int, scale_range: tuple[float, float] = (0.5, 
 class PairedDataset(Dataset):
     """``(image, label, domain, index)`` samples of a :class:`SegmentationSet`.
 
-    ``dataset[(i, seed)]`` draws the paired augmentation from ``seed``; ``eval_scale`` resizes the
-    image only (the label keeps its resolution)."""
+    ``dataset[(i, seed)]`` draws the paired augmentation (and the views) from ``seed``;
+    ``eval_scale`` resizes the image only (the label keeps its resolution). ``views``, when given,
+    takes the augmented (H, W, 3) uint8 image and returns what the sample carries as its image (a
+    method's photometric views, e.g. GCISG's two style views; the label is the same for all)."""
 
     def __init__(self, data: SegmentationSet | Sequence, domain: int, indices: Sequence[int] | None = None,
-                 transform: A.Compose | None = None, eval_scale: float = 1.0):
+                 transform: A.Compose | None = None, eval_scale: float = 1.0, views: Callable | None = None):
         self.data, self.domain, self.transform, self.eval_scale = data, domain, transform, eval_scale
+        self.views = views
         self.indices = list(range(len(data))) if indices is None else list(indices)
 
     def __len__(self) -> int:
@@ -198,8 +202,13 @@ class PairedDataset(Dataset):
             h, w = image.shape[:2]
             size = (max(1, round(w * self.eval_scale)), max(1, round(h * self.eval_scale)))
             image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
         y = torch.from_numpy(np.ascontiguousarray(label)).long()
+        if self.views is not None:
+            if seed is None:
+                return self.views(image), y, self.domain, i
+            with seeded(seed):
+                return self.views(image), y, self.domain, i
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
         return x, y, self.domain, i
 
 
@@ -218,6 +227,9 @@ class SegmentationDG(L.LightningDataModule):
         batch_size: training batch; eval_batch_size: evaluation batch (1 when image sizes vary).
         steps_per_epoch: optimisation steps per epoch (segmentation schedules count iterations).
         num_workers: data loader workers per process.
+
+    ``image_views`` (``None``; set by a method through ``bind_data``): per-sample views of each
+    training image made after the paired augmentation (see :class:`PairedDataset`).
     """
 
     task = "segmentation"
@@ -257,6 +269,7 @@ class SegmentationDG(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.steps_per_epoch, self.num_workers = steps_per_epoch, num_workers
         self.classes = list(CITYSCAPES_CLASSES)
+        self.image_views: Callable | None = None
         self._split: tuple[np.ndarray, np.ndarray] | None = None
 
     # -- names -------------------------------------------------------------------------------------
@@ -306,7 +319,7 @@ class SegmentationDG(L.LightningDataModule):
 
     def train_dataset(self) -> PairedDataset:
         self.setup()
-        return PairedDataset(self.source, 0, self._split[0], self.train_transform)
+        return PairedDataset(self.source, 0, self._split[0], self.train_transform, views=self.image_views)
 
     def train_dataloader(self) -> DataLoader:
         train = self.train_dataset()

@@ -7,7 +7,7 @@ this module writes the architecture out, following the paper (config F):
 * mapping network: pixel-norm, ``n_mlp`` equalised-lr linear layers (lr multiplier 0.01), z -> w;
 * synthesis: a learned constant at the base resolution (4 x 8 for 2:1 images), then per resolution
   an upsampling and a plain *modulated convolution* (style scales the input channels, weights are
-  demodulated), each followed by *noise injection* (a per-layer learned scale times a (1, H, W)
+  demodulated), each followed by *noise injection* (a per-layer learned scalar strength times a
   noise map) and bias + leaky ReLU (gain sqrt 2); ToRGB (1 x 1 modulated, not demodulated) at every
   resolution with skip connections summed after upsampling;
 * discriminator: residual blocks with equalised lr, minibatch standard deviation, linear head; it
@@ -20,6 +20,22 @@ downsampling in the discriminator is average pooling, and there is no path-lengt
 w+ has ``num_ws = 2 * num_resolutions`` vectors, used in rosinality's order: the base layer takes
 w[0] and its ToRGB w[1]; resolution k >= 1 takes w[2k - 1] (up conv), w[2k] (conv), w[2k + 1] (ToRGB).
 Noise maps: one per styled layer (``noise_shapes``), index 0 = the base layer ("input noise").
+
+Noise as ISSA uses it (official ``training/encoder_model.py``, ``FPNEncoder``): a noise input is
+either one channel, broadcast over the layer's features (StyleGAN2; what stage 1 trains with), or
+one map per feature channel (``layer_channels[i]`` channels), which the strength scales per
+channel alike. The official encoder predicts ``min(32768 // resolution, 512)`` channels at its
+resolutions (resolution = image width for 2:1 images), which is exactly the official generator's
+feature width there (``channel_base`` 32768, ``channel_max`` 512); ``layer_channels`` applies the
+same rule to any configuration, the tiny one included. Layers whose noise is not given use a fixed
+one-channel map (``noise_mode="const"``, StyleGAN2's ``noise_const``: what the official inversion
+uses for the layers it does not predict) or fresh N(0, 1) (``"random"``). The constant maps are
+drawn from their own seeded generator and are not saved: they never touch the global random
+state (stage 1 trains exactly as before) and any checkpoint rebuilds them.
+
+Channel widths: ``channel_plan`` halves from ``channel_max`` per doubling of the height,
+``min(channel_max, channel_base * 4 / height)``; the official (square-named) rule
+``min(32768 / width, 512)`` for 2:1 images is ``channel_base = 4096``, ``channel_max = 512``.
 """
 
 from __future__ import annotations
@@ -31,6 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 SQRT2 = math.sqrt(2.0)
+#: seed of the generator's fixed ("const") noise maps
+NOISE_CONST_SEED = 1234
 
 
 class EqualLinear(nn.Module):
@@ -101,7 +119,8 @@ class ModulatedConv2d(nn.Module):
 
 
 class NoiseInjection(nn.Module):
-    """``x + strength * noise``, one learned strength per layer, the noise map (N, 1, H, W) given.
+    """``x + strength * noise``, one learned strength per layer; the noise (N, 1 or C, H, W) is given
+    (one channel: broadcast over the C features; C channels: one map per feature).
     StyleGAN2 starts every strength at 0; ``init`` > 0 makes the noise count from the first step."""
 
     def __init__(self, init: float = 0.0):
@@ -109,6 +128,9 @@ class NoiseInjection(nn.Module):
         self.strength = nn.Parameter(torch.full((1,), float(init)))
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        if noise.shape[1] not in (1, x.shape[1]) or noise.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"noise of shape {tuple(noise.shape)} for features {tuple(x.shape)}: "
+                             f"give 1 or {x.shape[1]} channels at {tuple(x.shape[-2:])}")
         return x + self.strength * noise
 
 
@@ -137,7 +159,8 @@ class ToRGB(nn.Module):
 
 
 def channel_plan(num_res: int, channel_base: int, channel_max: int) -> list[int]:
-    """Feature channels per resolution, halving from ``channel_max`` as the resolution doubles."""
+    """Feature channels per resolution (heights 4, 8, ...): ``min(channel_max, channel_base >> k)``
+    at height ``4 * 2^k`` (at least 8), i.e. halving from ``channel_max`` as the resolution doubles."""
     return [min(channel_max, max(8, channel_base >> k)) for k in range(num_res)]
 
 
@@ -147,7 +170,8 @@ class Generator(nn.Module):
     Args:
         size: output (height, width); the base is (4, 4 * W / H).
         w_dim: latent size (z and w); n_mlp: mapping depth.
-        channel_base / channel_max: feature widths (tiny CPU config: 256 / 128; paper: 16384 / 512).
+        channel_base / channel_max: feature widths (``channel_plan``; tiny CPU config: 256 / 128;
+            official StyleGAN2 widths for 2:1 images, ``min(32768 / width, 512)``: 4096 / 512).
         noise_init: every noise strength's starting value. StyleGAN2 uses 0, and the strengths grow
             over a long training; ISSA needs the noise maps to carry the layout, so a short
             training (the tiny CPU config) starts them at 0.1.
@@ -176,6 +200,11 @@ class Generator(nn.Module):
             self.to_rgbs.append(ToRGB(ch[k], w_dim))
         self.num_ws = 2 * self.num_res
         self.register_buffer("w_avg", torch.zeros(w_dim))
+        #: feature channels of each styled layer (= the noise channels the official encoder predicts there)
+        self.layer_channels = [ch[0]] + [ch[k] for k in range(1, self.num_res) for _ in range(2)]
+        fixed = torch.Generator().manual_seed(NOISE_CONST_SEED)  # never the global random state
+        for i, hw in enumerate(self.noise_shapes()):
+            self.register_buffer(f"noise_const{i}", torch.randn(1, 1, *hw, generator=fixed), persistent=False)
 
     def noise_shapes(self) -> list[tuple[int, int]]:
         """(H, W) of each styled layer's noise map, in layer order (index 0: the base layer)."""
@@ -188,6 +217,10 @@ class Generator(nn.Module):
     def random_noise(self, n: int, device=None) -> list[torch.Tensor]:
         return [torch.randn(n, 1, *hw, device=device) for hw in self.noise_shapes()]
 
+    def const_noise(self, i: int) -> torch.Tensor:
+        """The fixed one-channel noise map (1, 1, H, W) of layer ``i`` (``noise_mode="const"``)."""
+        return getattr(self, f"noise_const{i}")
+
     def layers_at(self, height: int) -> list[int]:
         """Indices of the noise maps at resolution ``height``."""
         return [i for i, hw in enumerate(self.noise_shapes()) if hw[0] == height]
@@ -196,16 +229,22 @@ class Generator(nn.Module):
         """(N, w_dim) z -> (N, num_ws, w_dim) w+ with the same w at every layer."""
         return self.mapping(z).unsqueeze(1).expand(-1, self.num_ws, -1)
 
-    def synthesis(self, w_plus: torch.Tensor, noise: list[torch.Tensor | None] | None = None) -> torch.Tensor:
-        """Images from w+ (N, num_ws, w_dim) and noise maps (``None`` entries: fresh N(0, 1))."""
+    def synthesis(self, w_plus: torch.Tensor, noise: list[torch.Tensor | None] | None = None,
+                  noise_mode: str = "random") -> torch.Tensor:
+        """Images from w+ (N, num_ws, w_dim) and noise maps, each (N, 1 or ``layer_channels[i]``, H, W);
+        ``None`` entries: fresh N(0, 1) (``noise_mode="random"``) or the layer's fixed map (``"const"``)."""
         n = w_plus.shape[0]
         if w_plus.shape[1:] != (self.num_ws, self.w_dim):
             raise ValueError(f"w+ must be (N, {self.num_ws}, {self.w_dim}), got {tuple(w_plus.shape)}")
+        if noise_mode not in ("random", "const"):
+            raise ValueError(f"noise_mode must be 'random' or 'const', got {noise_mode!r}")
         shapes = self.noise_shapes()
         noise = list(noise) if noise is not None else [None] * len(shapes)
         if len(noise) != len(shapes):
             raise ValueError(f"expected {len(shapes)} noise maps ({shapes}), got {len(noise)}")
-        noise = [torch.randn(n, 1, *hw, device=w_plus.device) if m is None else m for m, hw in zip(noise, shapes)]
+        noise = [m if m is not None else torch.randn(n, 1, *hw, device=w_plus.device) if noise_mode == "random"
+                 else self.const_noise(i).to(w_plus.dtype).expand(n, -1, -1, -1)
+                 for i, (m, hw) in enumerate(zip(noise, shapes))]
         x = self.layers[0](self.const.expand(n, -1, -1, -1), w_plus[:, 0], noise[0])
         rgb = self.to_rgbs[0](x, w_plus[:, 1], None)
         for k in range(1, self.num_res):

@@ -1,23 +1,31 @@
 """ISSA stage 3: intra-source style mixing in segmentation training, for any segmentation method.
 
 ``G(w_B, noise_A)``: the inverted noise of image A carries its layout (so A's label still holds),
-the w+ of B its appearance. :class:`ISSAStyleMixing` is a callback: at every training step each
-image of the batch is replaced, with probability ``prob``, by its mix with the style of another
-image of the same batch (intra-source) or of an exemplar from any image folder (extra-source), so
-ERM, GCISG or any other method trains on the mixed batch unchanged:
+the w+ of B its appearance. :class:`ISSAStyleMixing` is a callback that makes the data module's
+training set yield, with probability ``prob`` per sample, the mix of the *whole* source image A
+with the style of another source training image B (intra-source) or of an exemplar from any image
+folder (extra-source), *before* the segmentation crop and augmentation, so ERM, GCISG or any other
+method trains on it unchanged and A's label is untouched:
 
     trainer:
       callbacks:
         - class_path: dg_lightning.methods.issa.ISSAStyleMixing
-          init_args: {encoder_ckpt: runs/issa-encoder/checkpoints/last.ckpt, prob: 0.5}
+          init_args: {encoder_ckpt: runs/issa/encoder/checkpoints/last.ckpt, prob: 0.5}
 
-Images are resized to the generator's size for the inversion and the mix, and back to the training
-crop afterwards (a tiny generator gives blurrier mixed images than the crops it replaces).
+Geometry (official ISSA re-styles whole source images at the generator's resolution): the whole
+image A is resized to the generator's size (for the Cityscapes-aspect generator that is the
+scene's own 2:1 aspect, also for the square pix2pix copies of Cityscapes, which were squeezed
+from 2:1), inverted and re-synthesised with B's w+, and the mix is resized back to A's own size
+(:func:`style_mix`); then the usual random scale, crop, flip and photometric augmentation apply to
+image and label together, drawn from the same per-sample seed as without mixing. The mix runs on
+the CPU inside the data loader (workers included); whether to mix and which B are drawn from the
+sample's seed, so a resumed run sees the same mixes. B is drawn from the whole training split, not
+only from the same batch (the same distribution, without tying the data loader to batches).
 
-Stylised proxy validation (``proxy_validation: true``): the source validation images are re-styled
-(fixed styles: another image of the same batch, or an exemplar, drawn from a seed per batch) and
-scored as ``val/<source>_stylised/miou``. Add a second ``BestCheckpoint`` monitoring that key to get
-it as a model selection of its own in ``results.json``, next to the usual two:
+Stylised proxy validation (``proxy_validation: true``): the source validation images (whole
+images) are re-styled (fixed styles: another image of the same batch, or an exemplar, drawn from a
+seed per batch) and scored as ``val/<source>_stylised/miou``. Add a second ``BestCheckpoint``
+monitoring that key to get it as a model selection of its own in ``results.json``:
 
         - class_path: dg_lightning.core.callbacks.BestCheckpoint
           init_args: {monitor: val/cityscapes_stylised/miou, selection: stylised proxy validation,
@@ -26,13 +34,17 @@ it as a model selection of its own in ``results.json``, next to the usual two:
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
+from dg_lightning.core.data import stable_seed
+from dg_lightning.data.segmentation.base import expand_root
 from dg_lightning.methods.issa.inversion import load_inverter
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -46,23 +58,29 @@ def _resize(x: torch.Tensor, size) -> torch.Tensor:
 
 @torch.no_grad()
 def invert(G, E, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(w+, noise list) of images ``x`` in [0, 1] (any size): the encoder's mean prediction."""
+    """(w+, noise list) of whole images ``x`` in [0, 1] (any size: resized to the generator's)."""
     out = E(_resize(x, G.size) * 2 - 1)
-    return out["w_plus"], E.generator_noise(out, sample=False)
+    return out["w_plus"], E.generator_noise(out)
+
+
+@torch.no_grad()
+def synthesize(G, w_plus: torch.Tensor, noise: list[torch.Tensor]) -> torch.Tensor:
+    """``G(w+, noise)`` in [0, 1] at the generator's size (layers without noise: the fixed maps)."""
+    return ((G.synthesis(w_plus, noise, noise_mode="const") + 1) / 2).clamp(0, 1)
 
 
 @torch.no_grad()
 def style_mix(G, E, content: torch.Tensor, w_style: torch.Tensor) -> torch.Tensor:
-    """``G(w_style, noise(content))`` in [0, 1] at the content images' size."""
+    """``G(w_style, noise(content))`` in [0, 1], resized back to the content images' own size."""
     _, noise = invert(G, E, content)
-    return _resize((G.synthesis(w_style, noise) + 1) / 2, content.shape[-2:]).clamp(0, 1)
+    return _resize(synthesize(G, w_style, noise), content.shape[-2:]).clamp(0, 1)
 
 
 def load_folder_images(folder: str | Path, max_images: int | None = None) -> torch.Tensor:
     """Every image of ``folder`` (recursively, sorted) as [0, 1] tensors at a common size."""
     from PIL import Image
 
-    paths = sorted(p for p in Path(folder).expanduser().rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = sorted(p for p in expand_root(str(folder)).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder} for ISSA exemplars")
     if max_images and len(paths) > max_images:
@@ -72,14 +90,77 @@ def load_folder_images(folder: str | Path, max_images: int | None = None) -> tor
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255
 
 
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().unsqueeze(0) / 255
+
+
+class StyleMixer:
+    """Mixes whole uint8 images (H, W, 3): ``mix(image, rng)`` -> ``G(w_B, noise_image)`` at (H, W),
+    B an exemplar of ``style_bank`` or, without one, ``source[style_indices[k]]`` inverted on the fly."""
+
+    def __init__(self, G, E, prob: float, source=None, style_indices=None, style_bank: torch.Tensor | None = None):
+        self.G, self.E, self.prob = G, E, prob
+        self.source, self.style_indices, self.style_bank = source, style_indices, style_bank
+
+    def style_for(self, rng: torch.Generator) -> torch.Tensor:
+        if self.style_bank is not None:
+            return self.style_bank[int(torch.randint(len(self.style_bank), (), generator=rng))][None]
+        b = self.style_indices[int(torch.randint(len(self.style_indices), (), generator=rng))]
+        return invert(self.G, self.E, _to_tensor(self.source[b][0]))[0]
+
+    def __call__(self, image: np.ndarray, rng: torch.Generator) -> tuple[np.ndarray, bool]:
+        if self.prob == 0 or float(torch.rand((), generator=rng)) >= self.prob:
+            return image, False
+        mixed = style_mix(self.G, self.E, _to_tensor(image), self.style_for(rng))[0]
+        return (mixed.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), True
+
+
+class _MixedSource:
+    """Stands in for a ``PairedDataset``'s dataset: the image of sample ``i`` mixed (or not) by the
+    mixer with the random generator set for the current sample, the label as it is."""
+
+    def __init__(self, source, mixer: StyleMixer):
+        self.source, self.mixer, self.rng = source, mixer, None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        image, label = self.source[i]
+        image, _ = self.mixer(image, self.rng if self.rng is not None else torch.Generator().manual_seed(
+            int(torch.randint(2**31 - 1, ()))))
+        return image, label
+
+
+class StyleMixedDataset(Dataset):
+    """A segmentation ``PairedDataset`` whose images are style-mixed before its augmentation.
+    ``dataset[(i, seed)]``: the mix is drawn from ``seed`` (its own stream: the augmentation, drawn
+    from the same seed, is the one the unmixed sample gets)."""
+
+    def __init__(self, paired, mixer: StyleMixer):
+        self.paired = copy.copy(paired)
+        self.source = _MixedSource(paired.data, mixer)
+        self.paired.data = self.source
+
+    def __len__(self) -> int:
+        return len(self.paired)
+
+    def __getitem__(self, key):
+        seed = key[1] if isinstance(key, tuple) else None
+        self.source.rng = None if seed is None else torch.Generator().manual_seed(stable_seed("issa-mix", seed))
+        return self.paired[key]
+
+
 class ISSAStyleMixing(L.Callback):
-    """Style-mix training images on the fly (see module docstring).
+    """Style-mix training images on the fly, before the crop (see module docstring).
 
     Args:
-        encoder_ckpt: an ISSA stage-2 checkpoint (generator + encoder).
-        prob: probability that an image of the batch is replaced by a mix.
-        exemplars: a folder of style images (extra-source); ``None``: styles of the same batch.
+        encoder_ckpt: an ISSA stage-2 checkpoint (generator + encoder EMA).
+        prob: probability that a training sample is replaced by a mix.
+        exemplars: a folder of style images (extra-source; ``~``, ``$VAR``, ``${VAR:-default}`` expanded);
+            ``None``: styles of the source's training images.
         max_exemplars: exemplars kept (evenly spaced over the sorted folder).
+        proxy_validation: also score a re-styled copy of the source validation set (see module docstring).
     """
 
     def __init__(self, encoder_ckpt: str, prob: float = 0.5, exemplars: str | None = None, max_exemplars: int = 256,
@@ -96,17 +177,30 @@ class ISSAStyleMixing(L.Callback):
         if stage != "fit" or self.G is not None:
             return
         self.G, self.E = load_inverter(self.encoder_ckpt)
+        if self.exemplars:
+            imgs = load_folder_images(self.exemplars, self.max_exemplars)
+            self.style_bank = torch.cat([invert(self.G, self.E, chunk)[0] for chunk in imgs.split(16)])
+        if trainer is None:
+            return
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "train_dataset"):
+            raise TypeError("ISSAStyleMixing mixes the source images before the crop: it needs a segmentation data "
+                            "module with `train_dataset()` (dg_lightning.data.SegmentationDG)")
+        build = dm.train_dataset
+
+        def mixed_train_dataset():
+            paired = build()
+            return StyleMixedDataset(paired, StyleMixer(self.G, self.E, self.prob, paired.data, paired.indices,
+                                                        self.style_bank))
+
+        dm.train_dataset = mixed_train_dataset  # the train loader is built after setup, from this
         if self.proxy_validation:
             from dg_lightning.core.metrics import SegmentationIoU
 
-            dm = trainer.datamodule
             source = pl_module.val_domains[0] if pl_module.val_domains else dm.val_domains[0]
             self.proxy_name = f"{source}_stylised"
             self.proxy_metric = SegmentationIoU(pl_module.hparams.num_classes, pl_module.hparams.ignore_index,
                                                 dm.eval_classes(source, "val") if hasattr(dm, "eval_classes") else None)
-        if self.exemplars:
-            imgs = load_folder_images(self.exemplars, self.max_exemplars)
-            self.style_bank = torch.cat([invert(self.G, self.E, chunk)[0] for chunk in imgs.split(16)])
 
     def styles_for(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A style w+ for each image of ``x``: an exemplar's, or another image's of the batch."""
@@ -124,6 +218,7 @@ class ISSAStyleMixing(L.Callback):
         g = torch.Generator().manual_seed(batch_idx)  # the same re-styled set at every validation
         stylised = style_mix(self.G, self.E, x, self.styles_for(x, g))
         self.proxy_metric.update(pl_module.predict_full(stylised, tuple(y.shape[-2:])).argmax(1), y)
+        self.G.to("cpu"), self.E.to("cpu")  # the data loader mixes on the CPU
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self.proxy_metric is None or trainer.sanity_checking:
@@ -131,14 +226,3 @@ class ISSAStyleMixing(L.Callback):
         value = self.proxy_metric.compute()
         self.proxy_metric.reset()
         pl_module.log(f"val/{self.proxy_name}/miou", value, sync_dist=True)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        x = batch[0]
-        if self.G is None or not torch.is_tensor(x) or self.prob == 0:
-            return
-        device = x.device
-        self.G.to(device), self.E.to(device)
-        chosen = torch.rand(len(x), device=device) < self.prob
-        if chosen.any():  # intra-source: the style of another image of the batch (or an exemplar's)
-            x[chosen] = style_mix(self.G, self.E, x[chosen], self.styles_for(x)[chosen]).to(x.dtype)
-        pl_module.log("train/issa_mixed", chosen.float().mean(), on_step=False, on_epoch=True, batch_size=len(x))
