@@ -11,7 +11,7 @@ uses, so ``dg-lightning lodo`` with the same ``--out`` (or ``dg-lightning report
 table once the array is done. Preemption: SLURM sends SIGUSR1 120 s before the end
 (``--signal``); Lightning's SLURM environment then saves ``hpc_ckpt_<n>.ckpt`` in the run directory
 and requeues the task (``--requeue``); the requeued task finds that checkpoint and Lightning resumes
-from it. A task without one resumes from ``checkpoints/last.ckpt`` (``--ckpt_path=last``), and a task
+from it. A task without one resumes from ``checkpoints/last.ckpt`` (``--ckpt_path=last``) when there is one, and a task
 whose run has ``results.json`` exits at once. Multi-GPU tasks run one process per GPU through
 ``srun`` (``--ntasks-per-node = --gpus``), Lightning's DDP under SLURM.
 
@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from dg_lightning.bench import split_overrides
+from dg_lightning.cli_utils import split_overrides
+from dg_lightning.core.errors import ConfigError
 from dg_lightning.eval.lodo import fit_command, resolve_experiment
 
 
@@ -83,8 +84,9 @@ def lodo_sbatch(configs: list[str], overrides: list[str], domains: list[str], se
         setup,
         'if [ -f "$RUN/results.json" ]; then echo "done before: $RUN/results.json"; exit 0; fi',
         'mkdir -p "$RUN"',
-        "# requeued after SIGUSR1: Lightning resumes its own hpc_ckpt_<n>.ckpt; otherwise the last epoch",
-        'RESUME="--ckpt_path=last"',
+        "# requeued after SIGUSR1: Lightning resumes its own hpc_ckpt_<n>.ckpt; otherwise the last epoch, if any",
+        'RESUME=""',
+        'if [ -f "$RUN/checkpoints/last.ckpt" ]; then RESUME="--ckpt_path=last"; fi',
         'if compgen -G "$RUN/hpc_ckpt_*.ckpt" > /dev/null; then RESUME=""; fi',
         f"srun {quoted} $RESUME",
     ]
@@ -133,7 +135,7 @@ def slurm_main(argv: list[str]) -> int:
     sweep.add_argument("--out", default="runs/sweeps/slurm")
     args = p.parse_args(argv)
     if args.what == "lodo":
-        domains, _, _, out, group = resolve_experiment(args, overrides, p)
+        domains, _, _, out, group = resolve_experiment(args, overrides)
         out = out.absolute()
         text = lodo_sbatch(args.config, overrides, domains, args.seeds, out, group, args.gpus, args.cpus, args.mem,
                            args.time, args.partition, args.account, args.max_parallel, args.setup, args.sbatch)
@@ -183,7 +185,7 @@ def sample_parameter(name: str, spec: dict, rng: np.random.RandomState):
     if dist == "q_log_uniform_values":
         q = spec.get("q", 1)
         return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi))) / q) * q)
-    raise ValueError(f"sweep parameter {name}: distribution {dist!r} is not supported by sweep-trial")
+    raise ConfigError(f"sweep parameter {name}: distribution {dist!r} is not supported by sweep-trial")
 
 
 def sample_sweep(config: dict, seed: int = 0) -> dict:

@@ -15,3 +15,13 @@ class KillAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class WarnAtStart(L.Callback):
+    """Emits a UserWarning when fit starts: the user's own warnings must still show (quiet by default
+    filters only specific third-party messages)."""
+
+    def on_fit_start(self, trainer, pl_module):
+        import warnings
+
+        warnings.warn("a warning from the user's own callback", UserWarning, stacklevel=1)

@@ -116,7 +116,12 @@ def test_slurm_lodo_array_maps_tasks_to_domain_and_seed_and_resumes(tmp_path):
     assert args[1:4] == ["-m", "dg_lightning.cli", "fit"]
     assert "--data.test_domains=['sketch']" in args and "--seed_everything=1" in args
     assert f"--trainer.default_root_dir={out}/sketch/seed1" in args and "--trainer.devices=2" in args
-    assert args[-1] == "--ckpt_path=last" and "--data.per_class=12" in args
+    assert not any(a.startswith("--ckpt_path") for a in args) and "--data.per_class=12" in args  # a first start
+    # interrupted after an epoch: resumes from the last checkpoint
+    (out / "sketch" / "seed1" / "checkpoints").mkdir(parents=True)
+    (out / "sketch" / "seed1" / "checkpoints" / "last.ckpt").write_text("")
+    args, _ = task(4)
+    assert args[-1] == "--ckpt_path=last"
     # requeued after SIGUSR1: Lightning's own checkpoint is there, Lightning picks it (no ckpt_path)
     (out / "sketch" / "seed1" / "hpc_ckpt_1.ckpt").write_text("")
     args, _ = task(4)

@@ -46,9 +46,12 @@ def test_download_with_wrong_checksum_fails_and_deletes(tmp_path, pacs_server):
 
 
 def test_download_cli_reports_checksum_error(tmp_path, pacs_server, capsys):
+    from dg_lightning.cli_utils import guarded
+
     url, _ = pacs_server
-    rc = dl.main(["pacs", "--root", str(tmp_path / "p"), "--url", url, "--md5", "1" * 32])
-    assert rc == 1 and "expected 1111" in capsys.readouterr().err
+    rc = guarded(lambda: dl.main(["pacs", "--root", str(tmp_path / "p"), "--url", url, "--md5", "1" * 32]))
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: md5 of" in err and "expected 1111" in err and "Traceback" not in err
 
 
 def test_published_source_has_a_checksum():

@@ -1,8 +1,2 @@
-
-
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(the script's own arguments, CLI overrides after ``--`` passed on to every run)."""
-    if "--" not in argv:
-        return argv, []
-    i = argv.index("--")
-    return argv[:i], argv[i + 1:]
+"""Benchmark scripts (``make bench-*``), each ``python -m dg_lightning.bench.<name>``; shared helpers live in
+:mod:`dg_lightning.cli_utils` (``split_overrides``), not here."""

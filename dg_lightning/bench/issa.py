@@ -35,8 +35,9 @@ from pathlib import Path
 
 import torch
 
-from dg_lightning.bench import split_overrides
 from dg_lightning.bench.seg import find_data, table
+from dg_lightning.cli_utils import split_overrides
+from dg_lightning.eval.provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
     env = {**os.environ, "DG_DATA": str(data), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cli = [sys.executable, "-m", "dg_lightning.cli"]
     quiet = "--trainer.enable_progress_bar=false"
-    report: dict = {"data": str(data), "seeds": args.seeds, "wall_seconds": {}, "runs": [],
+    report: dict = {**provenance("python -m dg_lightning.bench.issa " + shlex.join(argv)),
+                    "data": str(data), "seeds": args.seeds, "wall_seconds": {}, "runs": [],
                     "steps": {"gan": args.gan_steps, "encoder": args.encoder_steps}}
     gan_ckpt = out / "runs/issa/gan/checkpoints/last.ckpt"
     if args.gan_ckpt:

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from dg_lightning.bench import split_overrides
+from dg_lightning.cli_utils import split_overrides
 from dg_lightning.eval.report import fmt, per_domain_table
 
 BENCHMARKS = {
@@ -107,7 +107,9 @@ def main(argv=None) -> int:
     check_methods(args.methods)
     root = find_mnist_root(args.root)
     out = Path(args.out or ("bench/mnist" if args.scale == "cpu" else "bench/mnist-paper"))
-    report = {"command": " ".join([sys.executable, "-m", "dg_lightning.bench.mnist", *argv]), "machine": machine(),
+    info = machine()
+    report = {"command": " ".join([sys.executable, "-m", "dg_lightning.bench.mnist", *argv]), "commit": info["commit"],
+              "machine": info,
               "scale": args.scale, "mnist_root": str(root), "seeds": args.seeds, "published_erm": PUBLISHED_ERM,
               "published_source": PUBLISHED_SOURCE, "tables": {}}
     md = []

@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from dg_lightning.bench import split_overrides
+from dg_lightning.cli_utils import split_overrides
+from dg_lightning.eval.provenance import provenance
 from dg_lightning.eval.report import fmt, mean_se
 
 METHODS = {
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
     args = p.parse_args(own)
     data = find_data(args.data)
     out = Path(args.out)
-    report = {"data": str(data), "seeds": args.seeds, "runs": [], "wall_seconds": {}}
+    report = {**provenance("python -m dg_lightning.bench.seg " + shlex.join(argv)),
+              "data": str(data), "seeds": args.seeds, "runs": [], "wall_seconds": {}}
     t_all = time.time()
     for method in args.methods:
         cfg = METHODS[method]

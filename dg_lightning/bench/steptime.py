@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,22 +32,12 @@ from pathlib import Path
 import torch
 
 from dg_lightning.bench.speed import seconds_per_step
+from dg_lightning.eval.provenance import provenance
 
 
 def first_batch(dm):
     """The first training batch, finished as on the device (batched augmentation applied)."""
     return dm.finish_batch(next(iter(dm.train_dataloader())))
-
-
-def git_commit() -> str | None:
-    """The checked-out commit (``+dirty`` with uncommitted changes), or ``None`` outside a git tree."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
 
 
 def loader_seconds_per_batch(dm, batches: int) -> float:
@@ -71,7 +58,7 @@ def loader_seconds_per_batch(dm, batches: int) -> float:
 
 def time_steps(configs: list[str], overrides: list[str], steps: int, warmup: int, device: str = "cpu",
                precision: str = "32", loader_batches: int = 4) -> list[dict]:
-    from dg_lightning.cli import DGCLI
+    from dg_lightning.lightning_cli import DGCLI
 
     rows = []
     batch = None
@@ -118,8 +105,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python -m dg_lightning.bench.steptime " + " ".join(sys.argv[1:] if argv is None else argv)
-    out.write_text(json.dumps({"command": command, "commit": git_commit(),
-                                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    out.write_text(json.dumps({**provenance(command),
                                 "threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
                                 "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                                 "precision": args.precision, "rows": rows}, indent=2))

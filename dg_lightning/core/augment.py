@@ -46,6 +46,9 @@ from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
+from dg_lightning.core.errors import ConfigError
+from dg_lightning.core.seeding import stable_seed
+
 
 def stored_side(image_size: int, augment: str, cache_scale: float) -> int:
     """Side at which images are stored for a preset: a cropping preset reads a larger copy."""
@@ -243,13 +246,11 @@ class BatchViews(BatchAugment):
     def __init__(self, augments: Sequence[BatchAugment]):
         sides = {a.source_side for a in augments}
         if len(sides) != 1:
-            raise ValueError(f"the views read stored images of different sides {sorted(sides)}: use one side")
+            raise ConfigError(f"the views read stored images of different sides {sorted(sides)}: use one side")
         super().__init__(augments[0].size, sides.pop())
         self.augments = list(augments)
 
     def prepare(self, image: np.ndarray, original_hw: tuple[int, int], seed: int) -> dict[str, Any]:
-        from dg_lightning.core.data import stable_seed
-
         return {"views": [a.prepare(image, original_hw, stable_seed(seed, v)) for v, a in enumerate(self.augments)]}
 
     def plan(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -279,7 +280,7 @@ def build_batch_augment(image_size: int, augment: str, cache_scale: float = 1.15
         return FlipBatch(image_size)
     if augment == "none":
         return BatchAugment(image_size)
-    raise ValueError(f"unknown augment {augment!r}: choose one of domainbed, flip, none")
+    raise ConfigError(f"unknown augment {augment!r}: choose one of domainbed, flip, none")
 
 
 class AugmentCollate:

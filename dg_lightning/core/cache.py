@@ -41,6 +41,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from dg_lightning.core.errors import ConfigError
+
 #: bump when the stored bytes change meaning (resize method, layout)
 CACHE_VERSION = 2
 
@@ -76,7 +78,8 @@ def writable_folder(candidates: Sequence[Path]) -> Path:
             return folder
         except OSError:
             continue
-    raise OSError(f"no writable cache folder among {[str(c) for c in candidates]}: set data.cache_dir")
+    raise ConfigError(f"no writable cache folder among {[str(c) for c in candidates]}",
+                      fix="set data.cache_dir (or DG_CACHE) to a writable folder")
 
 
 def resize_uint8(image: Any, side: int) -> tuple[np.ndarray, tuple[int, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -13,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 
 from dg_lightning.core.data import stable_seed
+from dg_lightning.core.errors import find_user_error, user_message
 
 
 class StepSeed(L.Callback):
@@ -192,3 +194,25 @@ class SegmentationOverlays(L.Callback):
                         masks=[{"prediction": {"mask_data": p, "class_labels": class_labels},
                                 "ground_truth": {"mask_data": g, "class_labels": class_labels}} for _, g, p in items])
         self._kept = {}
+
+
+class FailureRecord(L.Callback):
+    """``<run dir>/failed.json`` when a run stops on a user error (a loss that became NaN, an image
+    that cannot be decoded): the error, its message, the step. ``lodo`` reads it to report the run
+    as failed. A run that starts again removes an earlier one."""
+
+    FILE = "failed.json"
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            (Path(trainer.default_root_dir) / self.FILE).unlink(missing_ok=True)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        err = find_user_error(exception)
+        if err is None or not trainer.is_global_zero:
+            return
+        path = Path(trainer.default_root_dir) / self.FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"error": type(err).__name__, "message": user_message(err),
+                                    "exit_code": err.exit_code, "step": trainer.global_step,
+                                    "epoch": trainer.current_epoch}, indent=2))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import zlib
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,13 +42,10 @@ from torchvision.transforms import v2
 
 from dg_lightning.core.augment import AugmentCollate, BatchAugment, build_batch_augment, hwc_to_float
 from dg_lightning.core.cache import DecodedCache, DecodeOnLoad, cache_candidates, writable_folder
+from dg_lightning.core.errors import ConfigError, DataError, DataNotFoundError
+from dg_lightning.core.seeding import stable_seed
 
 Augment = Literal["domainbed", "flip", "none"]
-
-
-def stable_seed(*parts: Any) -> int:
-    """A seed from values, stable across processes and Python versions (unlike ``hash``)."""
-    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
 def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +70,7 @@ def build_transform(image_size: int, augment: Augment, train: bool) -> Callable:
             v2.RandomGrayscale(0.1),
             *to_tensor,
         ])
-    raise ValueError(f"unknown augment {augment!r}: choose one of domainbed, flip, none")
+    raise ConfigError(f"unknown augment {augment!r}: choose one of domainbed, flip, none")
 
 
 def run_seed(seed: int | None = None) -> int:
@@ -195,7 +191,7 @@ class DomainBalancedSampler(Sampler[tuple[int, int]]):
     def __init__(self, sizes: Sequence[int], batch_size: int, steps: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1):
         if min(sizes) == 0:
-            raise ValueError(f"a source domain has no training samples (sizes {list(sizes)})")
+            raise DataError(f"a source domain has no training samples (sizes {list(sizes)})")
         self.sizes, self.batch_size, self.steps = list(sizes), batch_size, steps
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int)
@@ -319,22 +315,23 @@ class MultiDomainDataModule(L.LightningDataModule):
         held = [test_domains] if isinstance(test_domains, str) else list(test_domains or [])
         unknown = [d for d in held if d not in self.domains]
         if unknown:
-            raise ValueError(
-                f"unknown test domain(s) {unknown} for {type(self).__name__}; valid domains: {self.domains}"
+            raise ConfigError(
+                f"unknown test domain(s) {unknown} for {type(self).__name__}; valid domains: {self.domains}",
+                fix=f"data.test_domains: one or more of {self.domains}",
             )
         self.test_domains = [d for d in self.domains if d in held]
         self.train_domains = [d for d in self.domains if d not in held]
         if not self.train_domains:
-            raise ValueError(f"every domain is held out ({held}): leave at least one source domain")
+            raise ConfigError(f"every domain is held out ({held}): leave at least one source domain")
         self._splits: dict[str, dict[str, np.ndarray]] | None = None
 
-    def _missing(self, what) -> FileNotFoundError:
+    def _missing(self, what) -> DataNotFoundError:
         """The error for a missing path under the data root: names it, the layout and the download."""
         msg = (f"{type(self).__name__}: expected {what} but it does not exist.\n"
                f"  expected layout: {self.layout_hint}\n  data root given: {getattr(self, 'root', None)}")
         if self.download_hint:
             msg += f"\n  to get the data: {self.download_hint}"
-        return FileNotFoundError(msg)
+        return DataNotFoundError(msg)
 
     # -- what a subclass provides -------------------------------------------------------------
     def _discover(self) -> tuple[list[str], list[str]]:
@@ -382,7 +379,8 @@ class MultiDomainDataModule(L.LightningDataModule):
                 continue
             items, labels = self._samples(d)
             if not items:
-                raise FileNotFoundError(f"domain {d!r} of {type(self).__name__} has no samples")
+                raise DataError(f"domain {d!r} of {type(self).__name__} has no samples",
+                                fix="check-data lists what was found: dg-lightning check-data --config ...")
             self._data[d] = (items, labels)
             split = self._official_split(d, len(items))
             if split is None:

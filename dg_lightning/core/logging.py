@@ -75,8 +75,12 @@ def default_loggers(run_dir: Path, wandb: WandbOptions, stage: str = "fit") -> l
         else:
             run_id = uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
-        loggers.insert(0, WandbLogger(
+        logger = WandbLogger(
             project=wandb.project, group=wandb.group, name=wandb.name or run_dir.name, tags=wandb.tags,
             save_dir=str(run_dir), offline=mode == "offline", id=run_id, resume="allow", job_type="train",
-        ))
+        )
+        # Lightning passes ``anonymous=None`` to wandb.init, and wandb >= 0.22 warns that the setting
+        # "has no effect" whenever it is passed at all: leave it out
+        logger._wandb_init.pop("anonymous", None)
+        loggers.insert(0, logger)
     return loggers

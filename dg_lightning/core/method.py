@@ -35,6 +35,7 @@ from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from dg_lightning.core.backbones import create_backbone, create_segmenter, input_stats
+from dg_lightning.core.errors import ConfigError, raise_if_not_finite
 from dg_lightning.core.metrics import SegmentationIoU
 from dg_lightning.core.mixstyle import insert_mixstyle
 
@@ -102,7 +103,7 @@ class DGMethod(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         if task not in self.tasks:
-            raise ValueError(f"{type(self).__name__} supports {' and '.join(self.tasks)}, not {task}")
+            raise ConfigError(f"{type(self).__name__} supports {' and '.join(self.tasks)}, not {task}")
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.dropout = nn.Dropout(dropout)
         if task == "segmentation":
@@ -265,7 +266,7 @@ class DGMethod(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         dm_task = getattr(dm, "task", "classification") if dm is not None else self.hparams.task
         if dm_task != self.hparams.task:
-            raise ValueError(f"{type(dm).__name__} is a {dm_task} benchmark but the model was built for "
+            raise ConfigError(f"{type(dm).__name__} is a {dm_task} benchmark but the model was built for "
                              f"{self.hparams.task}: set the model's task to {dm_task} (the CLI links it)")
         self.val_domains = list(getattr(dm, "val_domains", ["val"]))
         self.test_domains = list(getattr(dm, "test_domains", ["test"]))
@@ -285,9 +286,20 @@ class DGMethod(L.LightningModule):
         # positions of the batch's samples in the training set, for methods with per-sample state
         self.sample_index = rest[0] if rest else None
         losses = self.training_losses(x, y, domain)
+        raise_if_not_finite(losses, self.global_step, self.divergence_hint)
         for k, v in losses.items():
             self.log(f"train/{k}", v.detach(), prog_bar=k == "loss", on_step=True, on_epoch=True, batch_size=len(y))
         return losses["loss"]
+
+    def divergence_hint(self) -> str:
+        """What to change when a loss term becomes NaN/inf: the learning rate, the precision."""
+        trainer = self._trainer
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer is not None and trainer.optimizers else None
+        precision = str(trainer.precision) if trainer is not None else "32-true"
+        tip = f"lower the learning rate (model.optimizer.init_args.lr{f', {lr:g} now' if lr is not None else ''})"
+        if "16" in precision:
+            tip += f", or train in full precision (trainer.precision 32; {precision} now)"
+        return tip + ", then rerun"
 
     def _eval_step(self, metrics: nn.ModuleList, batch, dataloader_idx: int, losses: nn.ModuleList | None = None):
         x, y, *_ = batch

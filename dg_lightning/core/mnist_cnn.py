@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from timm.models import register_model
 from torch import nn
 
+from dg_lightning.core.errors import ConfigError
+
 
 class DomainBedMNISTCNN(nn.Module):
     """Conv(64) -> Conv(128, stride 2) -> Conv(128) -> Conv(128), each ReLU then GroupNorm(8); mean pool.
@@ -61,8 +63,8 @@ class DomainBedMNISTCNN(nn.Module):
 def domainbed_mnist_cnn(pretrained: bool = False, **kwargs) -> DomainBedMNISTCNN:
     """DomainBed's MNIST CNN (random initialisation only: there are no pretrained weights)."""
     if pretrained:
-        raise ValueError("domainbed_mnist_cnn has no pretrained weights (DomainBed trains it from scratch): "
-                         "set model.pretrained: false")
+        raise ConfigError("domainbed_mnist_cnn has no pretrained weights (DomainBed trains it from scratch): "
+                          "set model.pretrained: false")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     return DomainBedMNISTCNN(**kwargs)

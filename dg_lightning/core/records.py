@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dg_lightning.core.data import ShardSampler
+from dg_lightning.core.errors import ConfigError, DataError
 
 RECORDS_NAME = "records.jsonl"
 
@@ -40,8 +41,8 @@ class DomainBedRecords(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if getattr(pl_module, "segmentation", False):
-            raise ValueError("DomainBedRecords scores classification accuracy; a segmentation run has no "
-                             "held-out domains to select on (drop the callback)")
+            raise ConfigError("DomainBedRecords scores classification accuracy; a segmentation run has no "
+                              "held-out domains to select on (drop the callback)")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
@@ -96,6 +97,6 @@ def read_records(run_dir: str | Path, filename: str = RECORDS_NAME) -> list[dict
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line_no} is not a JSON record ({e}); delete the line or rerun the run") from e
+            raise DataError(f"{path}:{line_no} is not a JSON record ({e}); delete the line or rerun the run") from e
         by_step[int(record["step"])] = record
     return [by_step[s] for s in sorted(by_step)]

@@ -1,4 +1,5 @@
-"""DomainBed's seed derivation, shared by its split, its hyperparameter draws and its sweep.
+"""Seeds derived from values: DomainBed's ``seed_hash`` (its split, hyperparameter draws and sweep) and
+this project's :func:`stable_seed` (per-sample augmentation, views, splits).
 
 DomainBed (``domainbed/lib/misc.py``, ``seed_hash``) turns any tuple of values into a seed with the md5
 of the tuple's ``repr``, modulo 2^31. The same values give the same seed in every process and Python
@@ -8,6 +9,14 @@ version, which is what lets a run's split, hyperparameters and seed be rebuilt f
 from __future__ import annotations
 
 import hashlib
+import zlib
+from typing import Any
+
+
+def stable_seed(*parts: Any) -> int:
+    """A seed from values, stable across processes and Python versions (unlike ``hash``): crc32 of the
+    values joined by ``/``."""
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
 def seed_hash(*args) -> int:

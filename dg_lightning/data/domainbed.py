@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dg_lightning.core.errors import ConfigError, DataError
 from dg_lightning.core.seeding import seed_hash
 from dg_lightning.data.folder import ImageFolderDomains, _subdirs
 from dg_lightning.data.segmentation.base import expand_root
@@ -80,20 +81,20 @@ class DomainBedFolder(DomainBedSplit, ImageFolderDomains):
         found = {c for d in self.ENVIRONMENTS for c in _subdirs(self.root / d)}
         missing, extra = sorted(set(self.CLASSES) - found), sorted(found - set(self.CLASSES))
         if missing or extra:
-            raise ValueError(f"{type(self).__name__} under {self.root}: class folders "
+            raise DataError(f"{type(self).__name__} under {self.root}: class folders "
                              f"{'missing ' + str(missing) if missing else ''}{' and ' if missing and extra else ''}"
                              f"{'not of this benchmark ' + str(extra) if extra else ''}; expected {list(self.CLASSES)} "
                              f"in {self._layout()}")
         domains = list(self._only_domains or self.ENVIRONMENTS)
         unknown = [d for d in domains if d not in self.ENVIRONMENTS]
         if unknown:
-            raise ValueError(f"unknown {type(self).__name__} domain(s) {unknown}; valid domains: {list(self.ENVIRONMENTS)}")
+            raise ConfigError(f"unknown {type(self).__name__} domain(s) {unknown}; valid domains: {list(self.ENVIRONMENTS)}")
         return domains, sorted(self.CLASSES)
 
     @classmethod
     def _resolve_root(cls, root: str | None) -> Path:
         if root is None:
-            raise ValueError(f"{cls.__name__} needs data.root: a folder laid out as {cls._layout()}. "
+            raise ConfigError(f"{cls.__name__} needs data.root: a folder laid out as {cls._layout()}. "
                              f"To get the data: {cls.download_hint}")
         return expand_root(root)
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from dg_lightning.core.cache import cache_candidates, writable_folder
 from dg_lightning.core.data import MultiDomainDataModule, holdout_split, stable_seed
+from dg_lightning.core.errors import ConfigError, DataError
 from dg_lightning.data.folder import load_rgb
 
 DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
@@ -46,13 +47,13 @@ def parse_list(path: Path, domain: str) -> tuple[list[str], list[int], dict[int,
             continue
         parts = line.split()
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise ValueError(f"{path}:{line_no}: expected '<domain>/<class>/<image> <label>', got {line!r}")
+            raise DataError(f"{path}:{line_no}: expected '<domain>/<class>/<image> <label>', got {line!r}")
         rel, label = parts[0].replace("\\", "/"), int(parts[1])
         segs = rel.split("/")
         if len(segs) != 3 or segs[0] != domain:
-            raise ValueError(f"{path}:{line_no}: {rel} is not '{domain}/<class>/<image>'")
+            raise DataError(f"{path}:{line_no}: {rel} is not '{domain}/<class>/<image>'")
         if names.setdefault(label, segs[1]) != segs[1]:
-            raise ValueError(f"{path}:{line_no}: label {label} is class {names[label]!r} elsewhere, {segs[1]!r} here")
+            raise DataError(f"{path}:{line_no}: label {label} is class {names[label]!r} elsewhere, {segs[1]!r} here")
         items.append(rel)
         labels.append(label)
     return items, labels, names
@@ -80,11 +81,11 @@ class DomainNet(MultiDomainDataModule):
                  protocol: Literal["domainbed", "official"] = "domainbed", cache_dir: str | None = None, **kwargs):
         root = root or os.environ.get("DOMAINNET_ROOT")
         if root is None:
-            raise ValueError(f"DomainNet needs data.root (or DOMAINNET_ROOT): a folder laid out as "
+            raise ConfigError(f"DomainNet needs data.root (or DOMAINNET_ROOT): a folder laid out as "
                              f"{self.layout_hint}. To get the data: {self.download_hint}")
         self.root = Path(root).expanduser()
         if protocol not in ("domainbed", "official"):
-            raise ValueError(f"protocol {protocol!r}: choose domainbed or official")
+            raise ConfigError(f"protocol {protocol!r}: choose domainbed or official")
         self.protocol, self._only_domains, self.cache_dir = protocol, domains, cache_dir
         self.index = self._load_index()
         super().__init__(cache_dir=cache_dir, **kwargs)
@@ -98,7 +99,7 @@ class DomainNet(MultiDomainDataModule):
             raise self._missing(self.root)
         for d in self._only_domains or DOMAINS:
             if d not in DOMAINS:
-                raise ValueError(f"unknown DomainNet domain {d!r}; valid domains: {list(DOMAINS)}")
+                raise ConfigError(f"unknown DomainNet domain {d!r}; valid domains: {list(DOMAINS)}")
             for path in [*self._list_files(d).values(), self.root / d]:
                 if not path.exists():
                     raise self._missing(path)
@@ -134,10 +135,10 @@ class DomainNet(MultiDomainDataModule):
                 items, labels, n = parse_list(path, d)
                 for label, name in n.items():
                     if names.setdefault(label, name) != name:
-                        raise ValueError(f"{path}: label {label} is {name!r}, but {names[label]!r} in another list")
+                        raise DataError(f"{path}: label {label} is {name!r}, but {names[label]!r} in another list")
                 lists[f"{d}_{part}"] = [items, labels]
         if sorted(names) != list(range(len(names))):
-            raise ValueError(f"the lists' labels are not 0..{len(names) - 1}: missing {sorted(set(range(len(names))) - set(names))}")
+            raise DataError(f"the lists' labels are not 0..{len(names) - 1}: missing {sorted(set(range(len(names))) - set(names))}")
         index = {"fingerprint": fingerprint, "classes": [names[k] for k in range(len(names))], "lists": lists}
         tmp = cache.with_suffix(".tmp")
         tmp.write_text(json.dumps(index))

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
+from dg_lightning.core.errors import ConfigError, DataError, DGError
+
 
 @dataclass(frozen=True)
 class Source:
@@ -72,8 +74,8 @@ SOURCES: dict[str, Source] = {
 }
 
 
-class ChecksumError(RuntimeError):
-    pass
+class ChecksumError(DataError, RuntimeError):
+    """A downloaded file whose digest is not the expected one (a data error: exit status 2)."""
 
 
 def file_digest(path: Path, algorithm: str) -> str:
@@ -120,20 +122,20 @@ def extract(archive: Path, into: Path) -> None:
         with tarfile.open(archive) as t:
             t.extractall(into, filter="data")
     else:
-        raise ValueError(f"{archive} is neither a zip nor a tar archive")
+        raise DataError(f"{archive} is neither a zip nor a tar archive")
 
 
 def download(name: str, root: str | Path, url: str | None = None, md5: str | None = None,
              sha256: str | None = None, keep_archive: bool = False) -> Path:
     """Download dataset ``name`` into ``root`` in its official layout; returns ``root``."""
     if name not in SOURCES:
-        raise ValueError(f"no download for {name!r}; available: {sorted(SOURCES)}")
+        raise ConfigError(f"no download for {name!r}; available: {sorted(SOURCES)}")
     src = SOURCES[name]
     root = Path(root).expanduser()
     if src.fetch_with:
         if url or md5 or sha256:
-            raise ValueError(f"{name} is downloaded by {src.fetch_with} with its own sources and checksums: "
-                             "--url/--md5/--sha256 do not apply")
+            raise ConfigError(f"{name} is downloaded by {src.fetch_with} with its own sources and checksums: "
+                              "--url/--md5/--sha256 do not apply")
         module, func = src.fetch_with.split(":")
         getattr(__import__(module, fromlist=[func]), func)(root)
         _check_layout(src, root)
@@ -189,9 +191,11 @@ def main(argv: list[str]) -> int:
         return 0
     if not args.root:
         p.error("--root DIR is required")
-    try:
+    try:  # a checksum or layout error is a DGError: the CLI prints it, exit status 2
         root = download(args.name, args.root, args.url, args.md5, args.sha256, args.keep_archive)
-    except (ChecksumError, OSError, ValueError) as e:
+    except OSError as e:  # the network, the disk
+        if isinstance(e, DGError):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{args.name} ready in {root}")

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from dg_lightning.core.data import MultiDomainDataModule
+from dg_lightning.core.errors import ConfigError, CorruptImageError, DataError, DataNotFoundError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -19,7 +20,9 @@ def load_rgb(path: str | Path) -> Image.Image:
         with Image.open(path) as img:
             return img.convert("RGB")
     except Exception as e:  # PIL raises several types for corrupt or truncated files
-        raise RuntimeError(f"cannot read image {path}: {e}. Re-download or delete this file.") from e
+        raise CorruptImageError(f"cannot read image {path}: {e}",
+                                fix="re-download or delete this file; find every unreadable image with "
+                                    "`dg-lightning check-data --config <your config>`") from e
 
 
 def _subdirs(path: Path) -> list[str]:
@@ -45,7 +48,7 @@ class ImageFolderDomains(MultiDomainDataModule):
     @classmethod
     def _resolve_root(cls, root: str | None) -> Path:
         if root is None:
-            raise ValueError(f"{cls.__name__} needs data.root: a folder laid out as {cls.layout_hint}")
+            raise ConfigError(f"{cls.__name__} needs data.root: a folder laid out as {cls.layout_hint}")
         return Path(root).expanduser()
 
     def _discover(self) -> tuple[list[str], list[str]]:
@@ -55,7 +58,7 @@ class ImageFolderDomains(MultiDomainDataModule):
         if self._only_domains:
             unknown = [d for d in self._only_domains if d not in domains]
             if unknown:
-                raise ValueError(f"unknown domain(s) {unknown} under {self.root}; valid domains: {domains}")
+                raise ConfigError(f"unknown domain(s) {unknown} under {self.root}; valid domains: {domains}")
             domains = list(self._only_domains)
         classes = sorted({c for d in domains for c in _subdirs(self.root / d)})
         if not domains or not classes:
@@ -94,7 +97,7 @@ class PACS(ImageFolderDomains):
     def _resolve_root(cls, root: str | None) -> Path:
         root = root or os.environ.get("PACS_ROOT")
         if root is None:
-            raise ValueError(
+            raise ConfigError(
                 f"PACS needs data.root (or the PACS_ROOT environment variable): a folder laid out as "
                 f"{cls.layout_hint}. To get the data: {cls.download_hint}"
             )
@@ -108,7 +111,7 @@ class PACS(ImageFolderDomains):
         domains = list(self._only_domains or self.DOMAINS)
         unknown = [d for d in domains if d not in self.DOMAINS]
         if unknown:
-            raise ValueError(f"unknown PACS domain(s) {unknown}; valid domains: {list(self.DOMAINS)}")
+            raise ConfigError(f"unknown PACS domain(s) {unknown}; valid domains: {list(self.DOMAINS)}")
         return domains, list(self.CLASSES)
 
     def _split_file(self, domain: str, part: str) -> Path | None:
@@ -134,12 +137,12 @@ class PACS(ImageFolderDomains):
                 # official lists prefix the path ("PACS/photo/dog/x.jpg", "kfold/photo/..."): keep it from the domain on
                 parts = rel.replace("\\", "/").split("/")
                 if domain not in parts:
-                    raise ValueError(f"{files[part]}:{line_no}: {rel} is not under domain folder {domain!r}")
+                    raise DataError(f"{files[part]}:{line_no}: {rel} is not under domain folder {domain!r}")
                 rel = "/".join(parts[len(parts) - 1 - parts[::-1].index(domain):])
                 if rel not in index:
-                    raise FileNotFoundError(f"{files[part]}:{line_no} lists {rel}, not found under {self.root}")
+                    raise DataNotFoundError(f"{files[part]}:{line_no} lists {rel}, not found under {self.root}")
                 if labels[index[rel]] != int(label) - 1:
-                    raise ValueError(f"{files[part]}:{line_no}: label {label} disagrees with folder of {rel}")
+                    raise DataError(f"{files[part]}:{line_no}: label {label} disagrees with folder of {rel}")
                 idx.append(index[rel])
             split[key] = np.asarray(sorted(idx), dtype=int)
         return split

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from dg_lightning.core.data import MultiDomainDataModule, run_seed
+from dg_lightning.core.errors import ConfigError
 from dg_lightning.data.domainbed import DomainBedSplit
 from dg_lightning.data.segmentation.base import expand_root
 
@@ -79,16 +80,16 @@ class DomainBedMNIST(DomainBedSplit, MultiDomainDataModule):
                  augment: str = "none", image_size: int | None = None, **kwargs):
         name = type(self).__name__
         if root is None:
-            raise ValueError(f"{name} needs data.root: a folder laid out as {self.layout_hint}. "
+            raise ConfigError(f"{name} needs data.root: a folder laid out as {self.layout_hint}. "
                              f"To get the data: {self.download_hint}")
         if augment != "none":
-            raise ValueError(f"{name} is not augmented (DomainBed does not augment it): leave data.augment at none, "
+            raise ConfigError(f"{name} is not augmented (DomainBed does not augment it): leave data.augment at none, "
                              "or give your own data.train_transform (it receives the image tensor)")
         if image_size not in (None, 28):
-            raise ValueError(f"{name}'s images are 28 x 28 (DomainBed's): data.image_size {image_size} cannot apply; "
+            raise ConfigError(f"{name}'s images are 28 x 28 (DomainBed's): data.image_size {image_size} cannot apply; "
                              "resize in your own data.train_transform / data.eval_transform")
         if kwargs.get("batch_augment") or kwargs.get("cache_images"):
-            raise ValueError(f"{name} is built in memory as tensors and not augmented: data.batch_augment and "
+            raise ConfigError(f"{name} is built in memory as tensors and not augmented: data.batch_augment and "
                              "data.cache_images do not apply")
         self.root, self.shuffle_seed = expand_root(root), shuffle_seed
         train_transform, eval_transform = kwargs.pop("train_transform", None), kwargs.pop("eval_transform", None)

@@ -43,6 +43,7 @@ from dg_lightning.core.data import (
     run_seed,
     seeded,
 )
+from dg_lightning.core.errors import ConfigError, DataNotFoundError
 
 DOMAIN_FIELD = {"camelyon17": "hospital", "iwildcam": "location", "fmow": "region", "rxrx1": "experiment"}
 # model selection as the wilds repository's examples/configs/datasets.py (val_metric); fmow selects on
@@ -82,7 +83,7 @@ def import_wilds():
     try:
         import wilds
     except ImportError as e:
-        raise ImportError("WILDS needs the wilds package: pip install -c constraints.txt 'dg-lightning[wilds]'") from e
+        raise ConfigError("WILDS needs the wilds package: pip install -c constraints.txt 'dg-lightning[wilds]'") from e
     return wilds
 
 
@@ -146,7 +147,7 @@ class WILDS(L.LightningDataModule):
                               for s, i in self.split_idx.items()}
         self.domain_field = domain_field or DOMAIN_FIELD.get(dataset)
         if self.domain_field not in self.ds.metadata_fields:
-            raise ValueError(f"domain_field {self.domain_field!r} is not a metadata field of {dataset}: "
+            raise ConfigError(f"domain_field {self.domain_field!r} is not a metadata field of {dataset}: "
                              f"choose one of {self.ds.metadata_fields}")
         column = self.ds.metadata_array[:, self.ds.metadata_fields.index(self.domain_field)].numpy()
         train_values = np.unique(column[self.split_idx["train"]])
@@ -155,12 +156,12 @@ class WILDS(L.LightningDataModule):
         self._domain_of = {int(v): k for k, v in enumerate(train_values)}
         self._column = column
         if val_split not in self.split_idx:
-            raise ValueError(f"val_split {val_split!r}: {dataset} has splits {splits}")
+            raise ConfigError(f"val_split {val_split!r}: {dataset} has splits {splits}")
         self.val_domains = [val_split]
         self.test_domains = list(test_splits or [s for s in splits if s != "train"])
         unknown = [s for s in self.test_domains if s not in self.split_idx]
         if unknown:
-            raise ValueError(f"unknown split(s) {unknown}: {dataset} has splits {splits}")
+            raise ConfigError(f"unknown split(s) {unknown}: {dataset} has splits {splits}")
         y_names = (self.ds.metadata_map or {}).get("y")
         self.classes = [str(c) for c in y_names] if y_names is not None else [str(k) for k in range(self.ds.n_classes)]
         official = SELECTION_METRIC.get(dataset)
@@ -172,7 +173,7 @@ class WILDS(L.LightningDataModule):
         try:
             return wilds.get_dataset(dataset=self.name, root_dir=str(self.root), download=download)
         except FileNotFoundError as e:
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"WILDS {self.name}: no dataset under {self.root} ({e}).\n  expected layout: {layout}\n"
                 f"  to get the data: set data.download=true (the wilds package downloads it), or "
                 f"python -c \"import wilds; wilds.get_dataset('{self.name}', root_dir='{self.root}', download=True)\""

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dg_lightning.core.errors import DataNotFoundError
+
 
 def mean_se(values: list[float]) -> tuple[float, float | None]:
     """Mean and standard error (sample std / sqrt(n)); ``None`` error for a single value."""
@@ -132,12 +134,12 @@ def find_results(paths: list[str | Path]) -> list[Path]:
     found = []
     for p in map(Path, paths):
         if not p.exists():
-            raise FileNotFoundError(f"{p} does not exist: give run directories (or results.json files)")
+            raise DataNotFoundError(f"{p} does not exist: give run directories (or results.json files)")
         for f in ([p] if p.is_file() else sorted(p.rglob("results.json"))):
             if "selections" in json.loads(f.read_text()):
                 found.append(f)
     if not found:
-        raise FileNotFoundError(f"no results.json with selections under {[str(p) for p in paths]}: "
+        raise DataNotFoundError(f"no results.json with selections under {[str(p) for p in paths]}: "
                                 "a run writes one after `dg-lightning fit` (or `lodo`) finishes")
     return found
 

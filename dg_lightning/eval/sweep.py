@@ -41,7 +41,8 @@ import sys
 import time
 from pathlib import Path
 
-from dg_lightning.bench import split_overrides
+from dg_lightning.cli_utils import split_overrides
+from dg_lightning.core.errors import ConfigError
 from dg_lightning.core.seeding import seed_hash
 from dg_lightning.eval import model_selection as ms
 from dg_lightning.eval.lodo import discover_domains
@@ -70,8 +71,8 @@ def held_out_sets(n: int, single: bool) -> list[list[int]]:
     if single:
         return [[i] for i in range(n)]
     if n < 3:
-        raise ValueError(f"leave-one-domain-out selection needs at least 3 domains (this benchmark has {n}): "
-                         "use --single-test-envs")
+        raise ConfigError(f"leave-one-domain-out selection needs at least 3 domains (this benchmark has {n})",
+                          fix="use --single-test-envs")
     out = []
     for i in range(n):
         out.append([i])
@@ -88,7 +89,8 @@ def plan(configs: list[str], overrides: list[str], n_hparams: int, n_trials: int
     chosen = domains or all_domains
     unknown = [d for d in chosen if d not in all_domains]
     if unknown:
-        raise ValueError(f"unknown domain(s) {unknown}; valid domains: {all_domains}")
+        raise ConfigError(f"unknown domain(s) {unknown}; valid domains: {all_domains}",
+                          fix=f"--domains: some of {all_domains}")
     out = Path(out or Path("runs") / "sweep" / f"{method.lower()}-{data.lower()}")
     jobs = []
     for trial, env_set, h in itertools.product(range(n_trials), held_out_sets(len(chosen), single_test_envs),
@@ -159,12 +161,10 @@ def main(argv: list[str]) -> int:
     if args.n_hparams <= args.hparams_from or args.n_trials < 1:
         p.error("need --n-hparams > --hparams-from and --n-trials >= 1")
     overrides = overrides + [f"--wandb.mode={args.wandb_mode}", f"--wandb.project={args.wandb_project}"]
-    try:
-        out, jobs = plan(args.config, overrides, args.n_hparams, args.n_trials, args.hparams_from,
-                         args.single_test_envs, args.out, args.domains)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # a config or data error (unknown domain, unregistered method, wrong data root) is a DGError: the
+    # CLI's error path (cli_utils.guarded) prints it and exits with status 2
+    out, jobs = plan(args.config, overrides, args.n_hparams, args.n_trials, args.hparams_from,
+                     args.single_test_envs, args.out, args.domains)
     states = [job_state(j["run_dir"]) for j in jobs]
     for job, state in zip(jobs, states):
         m = job["meta"]

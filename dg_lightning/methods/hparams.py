@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from dg_lightning.core.errors import ConfigError
 from dg_lightning.core.seeding import seed_hash
 
 SMALL_IMAGES = ("Debug28", "RotatedMNIST", "ColoredMNIST")
@@ -93,7 +94,7 @@ class HParam:
 def registry(method: str, dataset: str = "PACS") -> list[HParam]:
     """The hyperparameters of ``method`` on ``dataset`` (DomainBed's ``_hparams``)."""
     if method not in METHODS:
-        raise ValueError(f"no hyperparameters registered for {method!r}; registered: {', '.join(METHODS)}")
+        raise ConfigError(f"no hyperparameters registered for {method!r}; registered: {', '.join(METHODS)}")
     small = dataset in SMALL_IMAGES
     h = [HParam("resnet_dropout", "model.dropout", 0.0, Choice((0.0, 0.1, 0.5)))]
     if method == "DANN":

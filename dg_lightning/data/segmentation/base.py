@@ -43,6 +43,7 @@ from dg_lightning.core.data import (
     seeded,
     stable_seed,
 )
+from dg_lightning.core.errors import ConfigError, DataError, DataNotFoundError
 from dg_lightning.data.segmentation.labels import CITYSCAPES_CLASSES, IGNORE, remap
 
 
@@ -74,6 +75,8 @@ class SegmentationSet:
     eval_classes: tuple[int, ...] | None = None
     #: label id -> train id lookup table (``labels.lookup_table``); ``None``: labels are train ids
     table: np.ndarray | None = None
+    #: the dataset resizes a label whose size differs from its image's (GTA5); otherwise that is an error
+    resizes_labels: bool = False
 
     def __init__(self, root: str, split: str = "val", name: str | None = None, max_samples: int | None = None):
         self.root, self.split = expand_root(root), split
@@ -88,14 +91,19 @@ class SegmentationSet:
 
     def read_label(self, path: Path, image_size: tuple[int, int]) -> np.ndarray:
         """(H, W) uint8 train ids; ``image_size`` is the image's (width, height)."""
-        label = np.asarray(Image.open(path))
+        with Image.open(path) as img:
+            if img.size != tuple(image_size):
+                raise DataError(f"label {path} is {img.size[0]}x{img.size[1]}, its image {image_size[0]}x{image_size[1]}",
+                                fix="a label must have its image's size: re-export it or remove the pair; "
+                                    "dg-lightning check-data --config <your config> lists every such pair")
+            label = np.asarray(img)
         if label.ndim != 2:
-            raise ValueError(f"{path} is not a single-channel label image (shape {label.shape})")
+            raise DataError(f"{path} is not a single-channel label image (shape {label.shape})")
         return remap(label, self.table) if self.table is not None else label.astype(np.uint8)
 
     # -- shared ----------------------------------------------------------------------------------
-    def missing(self, what: str) -> FileNotFoundError:
-        return FileNotFoundError(
+    def missing(self, what: str) -> DataNotFoundError:
+        return DataNotFoundError(
             f"{type(self).__name__} ({self.split}): {what}.\nExpected layout under {self.root}:\n{self.layout}\n"
             f"How to get it: {self.download}"
         )
@@ -247,11 +255,11 @@ class SegmentationDG(L.LightningDataModule):
         super().__init__()
         names = [t.name for t in targets]
         if not targets:
-            raise ValueError("SegmentationDG needs at least one target dataset to test on")
+            raise ConfigError("SegmentationDG needs at least one target dataset to test on")
         if len(set(names)) != len(names):
-            raise ValueError(f"target names must differ, got {names}: give each a `name`")
+            raise ConfigError(f"target names must differ, got {names}: give each a `name`")
         if val is None and not 0 < holdout_fraction < 1:
-            raise ValueError("without a `val` dataset, holdout_fraction must lie in (0, 1) (the source's "
+            raise ConfigError("without a `val` dataset, holdout_fraction must lie in (0, 1) (the source's "
                              "validation part, used for model selection)")
         self.source, self.targets, self.val = source, list(targets), val
         self.holdout_fraction, self.split_seed = holdout_fraction, split_seed

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dg_lightning.core.errors import ConfigError
 from dg_lightning.data.segmentation.base import SegmentationSet
 from dg_lightning.data.segmentation.labels import CITYSCAPES_ID_TO_TRAIN, lookup_table, remap
 
@@ -27,6 +28,7 @@ class GTA5(SegmentationSet):
                 "`01_images.zip`..`10_images.zip` and `01_labels.zip`..`10_labels.zip` unzipped into ROOT, "
                 "and `read_mapping.zip` for split.mat")
     table = lookup_table(CITYSCAPES_ID_TO_TRAIN)
+    resizes_labels = True  # a handful of GTA5 labels differ in size from their image (read_label)
 
     def __init__(self, root: str, split: str = "all", name: str | None = None, max_samples: int | None = None):
         super().__init__(root, split, name, max_samples)
@@ -43,7 +45,7 @@ class GTA5(SegmentationSet):
             from scipy.io import loadmat
 
             if self.split not in SPLIT_KEYS:
-                raise ValueError(f"GTA5 split {self.split!r}: choose train, val, test or all")
+                raise ConfigError(f"GTA5 split {self.split!r}: choose train, val, test or all")
             ids = np.asarray(loadmat(mat)[SPLIT_KEYS[self.split]]).ravel()
             return [f"{int(i):05d}" for i in ids]
         raise self.missing(f"split {self.split!r} needs split.mat or {self.split}.txt (or use split='all')")

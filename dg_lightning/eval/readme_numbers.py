@@ -1,0 +1,372 @@
+"""The README's measured tables, rendered from ``results/``: ``make readme-numbers``.
+
+    python -m dg_lightning.eval.readme_numbers [--check] [--readme README.md] [--results results]
+
+Every measured table in the README sits between ``<!-- results:NAME -->`` and ``<!-- /results -->``;
+``NAME`` is a renderer registered here (:data:`TABLES`) that reads its results file(s) and returns
+the markdown. ``make readme-numbers`` rewrites those blocks; ``--check`` only says whether they are
+up to date (exit status 1 if not).
+
+:func:`unsourced_numbers` is the other half (``tests/test_readme_numbers.py``): every number with a
+decimal point in the README's *Measured results* section, and in any ``<!-- measured -->`` ...
+``<!-- /measured -->`` region elsewhere, must be held by a results file: a value of a results JSON
+(also as a percentage, in minutes or in hours, at the precision shown), a number of a results
+markdown file, a number of a rendered block, or a number of an experiment config (a setting, not a
+measurement). A number computed from others is declared where it is used, and checked:
+``<!-- derived: 29.5 = 62.8 - 33.3 -->`` (each operand must be held, the arithmetic must give it);
+a number that is not measured at all (chance level) likewise: ``<!-- constant: 14.3 = 100 / 7 -->``.
+
+A table whose run has not been made yet sits between ``<!-- pending -->`` and ``<!-- /pending -->``:
+its cells say ``pending`` or ``TODO``, and the results files it names (:func:`named_results_files`)
+need not exist yet. A pending region is checked like a measured one (wherever it is), so a number
+typed into a pending table fails the check until its results file lands and the table becomes a
+rendered block (results/README.md: "When a pending table's results land").
+
+Adding a table: write one renderer (a few lines; the helpers below cover LODO tables, method x
+selection rows and plain rows), register it with ``@table("name")``, put the two markers in the
+README, run ``make readme-numbers``. results/README.md says the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from dg_lightning.eval.report import fmt, mean_se, per_domain_table
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLES: dict[str, Callable[[Path], str]] = {}
+BLOCK = re.compile(r"(<!-- results:([\w.-]+) -->\n)(.*?)(<!-- /results -->)", re.S)
+
+
+def table(name: str):
+    """Register a renderer: ``fn(results_dir) -> markdown``."""
+    def register(fn: Callable[[Path], str]) -> Callable[[Path], str]:
+        TABLES[name] = fn
+        return fn
+    return register
+
+
+def load(results: Path, name: str) -> dict:
+    return json.loads((results / name).read_text())
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def md_table(header: list[str], rows: Iterable[list], align: str | None = None) -> str:
+    """A markdown table; ``align``: one letter per column, ``l`` or ``r`` (default: first l, rest r)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def lodo_table(runs: list[dict], key: str = "acc") -> str:
+    """Selection x held-out domains + Avg (mean ± standard error over seeds), as ``lodo`` prints it."""
+    tables = per_domain_table(runs, key)
+    cols = sorted({r["domain"] for r in runs}) + ["Avg"]
+    return md_table(["Selection", *cols], ([sel, *(fmt(*t[c][:2]) if c in t else "—" for c in cols)]
+                                           for sel, t in tables.items()))
+
+
+SHORT = {"training-domain validation": "training-domain val."}
+
+
+def method_rows(tables: dict[str, list[dict]], first: str = "Method") -> str:
+    """One row per (method, selection): ``tables`` maps a row label to its LODO runs."""
+    rows, cols = [], None
+    for label, runs in tables.items():
+        t = per_domain_table(runs)
+        cols = cols or sorted({r["domain"] for r in runs}) + ["Avg"]
+        rows += [[label, SHORT.get(sel, sel), *(fmt(*v[c][:2]) if c in v else "—" for c in cols)]
+                 for sel, v in t.items()]
+    return md_table([first, "Selection", *cols], rows, "ll" + "r" * len(cols))
+
+
+def fmt_signed(v: float, digits: int = 2) -> str:
+    """``-0.24`` as ``−0.24`` (a minus sign); a value that rounds to zero without a sign."""
+    s = f"{v:.{digits}f}"
+    if float(s) == 0:
+        return f"{0:.{digits}f}"
+    return s.replace("-", "−")
+
+
+def seed_mean(runs: list[dict], value: Callable[[dict], float]) -> str:
+    return fmt(*mean_se([value(r) for r in runs]))
+
+
+# -- the README's tables ----------------------------------------------------------------------------
+def provenance_line(d: dict, name: str) -> str:
+    """``Wall time ... min; machine; commit; file``: where a table's numbers come from."""
+    wall = f"Wall time {d['wall_seconds'] / 60:.1f} min" if d.get("wall_seconds") else "Measured"
+    return f"{wall} on {d['machine']}, commit `{d['commit']}` (`results/{name}`)."
+
+
+@table("demo")
+def demo(results: Path) -> str:
+    d = load(results, "cpu/demo_results.json")
+    return lodo_table(d["runs"]) + "\n\n" + provenance_line(d, "cpu/demo_results.json")
+
+
+@table("bench-pacs-resnet18")
+def bench_pacs_resnet18(results: Path) -> str:
+    return lodo_table(load(results, "cpu/bench_pacs.json")["tables"]["resnet18-scratch-64px"]["runs"])
+
+
+@table("bench-pacs-lite0")
+def bench_pacs_lite0(results: Path) -> str:
+    return lodo_table(load(results, "cpu/bench_pacs.json")["tables"]["lite0-imagenet-96px"]["runs"])
+
+
+@table("bench-pacs-methods")
+def bench_pacs_methods(results: Path) -> str:
+    t = load(results, "cpu/bench_pacs_methods.json")["tables"]
+    return method_rows({"ERM": t["erm-lite0-96px"]["runs"], "RISE (random CLIP teacher)": t["rise-lite0-96px"]["runs"],
+                        "GCISG": t["gcisg-lite0-96px"]["runs"]})
+
+
+@table("bench-speed-previous")
+def bench_speed_previous(results: Path) -> str:
+    """The first version of ``make bench-speed`` (full pipeline against the compute limit, no rounds)."""
+    d = load(results, "cpu/bench_speed_previous.json")
+    return md_table(["num_workers", "pipeline img/s", "pipeline / compute"],
+                    ([p["num_workers"], f"{p['pipeline_img_per_s']:.1f}", f"{p['ratio']:.2f}"] for p in d["pipelines"]),
+                    "rrr") + f"\n\nCompute limit: {d['compute_img_per_s']:.1f} img/s."
+
+
+@table("bench-steptime")
+def bench_steptime(results: Path) -> str:
+    d = load(results, "cpu/bench_steptime.json")
+    return md_table(["method", "s / step", "× ERM"],
+                    ([r["method"], f"{r['seconds_per_step']:.3f}", f"{r['relative_to_first']:.2f}"] for r in d["rows"]))
+
+
+@table("bench-seg")
+def bench_seg(results: Path) -> str:
+    """mIoU per target, last checkpoint (the ``oracle`` row: segmentation DG's convention)."""
+    runs = load(results, "cpu/bench_seg.json")["runs"]
+    targets = {"cityscapes": "Cityscapes val", "camvid": "CamVid", "camvid_dusk": "CamVid dusk"}
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == method]
+        rows.append([method, *(seed_mean(mine, lambda r, t=t: r["selections"]["oracle"]["test"][t]) for t in targets)])
+    return md_table(["Method", *targets.values()], rows)
+
+
+def _probe(runs: list[dict], part: str | None) -> list[str]:
+    """Held-out accuracy per domain, their average and the average in-domain accuracy (each averaged
+    over the domains within a seed, then mean ± standard error over seeds) of one probed part
+    (``None``: the method's primary part) under training-domain validation."""
+    runs = [r for r in runs if r["selection"] == "training-domain validation"]
+    domains = sorted({r["domain"] for r in runs})
+    seeds = sorted({r["seed"] for r in runs})
+
+    def test(r):
+        return r["acc"] if part is None else r["parts"][part]["test"][r["domain"]]
+
+    def in_domain(r):
+        return r["in_domain"] if part is None else float(np.mean(list(r["parts"][part]["in_domain"].values())))
+
+    def over_seeds(value):
+        return fmt(*mean_se([np.mean([value(r) for r in runs if r["seed"] == s]) for s in seeds]))
+
+    held = [seed_mean([r for r in runs if r["domain"] == d], test) for d in domains]
+    return [*held, over_seeds(test), over_seeds(in_domain)]
+
+
+@table("bench-pacs-ssl")
+def bench_pacs_ssl(results: Path) -> str:
+    t = load(results, "h100/bench_pacs_ssl.json")["tables"]
+    simclr, ddm, ms = (t[k]["runs"] for k in ("simclr-resnet18-64px", "simclr-ddm-resnet18-64px",
+                                              "multispace-resnet18-64px"))
+    rows = [["SimCLR, h", *_probe(simclr, None)], ["SimCLR + DDM, h_inv", *_probe(ddm, None)],
+            ["SimCLR + DDM, h_var", *_probe(ddm, "var")], ["SimCLR + DDM, h (full)", *_probe(ddm, "full")],
+            ["Multi-space, content space", *_probe(ms, None)], ["Multi-space, backbone h", *_probe(ms, "full")]]
+    domains = sorted({r["domain"] for r in simclr})
+    return md_table(["probe on", *domains, "Avg held-out", "Avg in-domain"], rows)
+
+
+@table("identifiability")
+def identifiability(results: Path) -> str:
+    """R² matrices of the official multi-space loss (``identifiability.json``) beside the earlier loss's
+    (``identifiability_old_loss.json``): kernel ridge, then linear regression; the diagonal in bold."""
+    new, old = load(results, "cpu/identifiability.json"), load(results, "cpu/identifiability_old_loss.json")
+    if new["spaces"] != old["spaces"] or new["blocks"] != old["blocks"]:
+        raise ValueError("identifiability.json and identifiability_old_loss.json have different spaces or blocks")
+    blocks = new["blocks"]
+    tables = []
+    for key, title in (("r2_kernel", "kernel ridge (RBF)"), ("r2_linear", "linear regression")):
+        rows = []
+        for i, space in enumerate(new["spaces"]):
+            cells = [f"**{fmt_signed(v)}**" if i == j else fmt_signed(v)
+                     for d in (new, old) for j, v in enumerate(d[key][i])]
+            rows.append([space, *cells])
+        header = [title, f"new: {blocks[0]}", *blocks[1:], f"old: {blocks[0]}", *blocks[1:]]
+        tables.append(md_table(header, rows))
+    return "\n\n".join(tables)
+
+
+# -- rendering --------------------------------------------------------------------------------------
+def render(readme: str, results: Path) -> str:
+    """``readme`` with every ``<!-- results:NAME -->`` block re-rendered; an unknown NAME is an error."""
+    def block(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in TABLES:
+            raise KeyError(f"README block results:{name} has no renderer; known: {sorted(TABLES)}")
+        return f"{m.group(1)}{TABLES[name](results).rstrip()}\n{m.group(4)}"
+
+    return BLOCK.sub(block, readme)
+
+
+# -- every number held by a results file ------------------------------------------------------------
+PENDING = re.compile(r"<!-- pending -->(.*?)<!-- /pending -->", re.S)
+NUMBER = re.compile(r"(?<![\w.])[−-]?\d[\d,]*\.\d+(?![\w.]*\.\d)")  # a decimal; not x.y.z versions
+DECLARED = re.compile(r"<!-- (derived|constant): ([^=]+?) = ([^>]+?) -->")
+
+
+def _values(obj, key: str = "") -> Iterable[tuple[str, float]]:
+    """(key, value) of every number in a JSON document (the key of the innermost mapping)."""
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield key, float(obj)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _values(v, str(k))
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _values(v, key)
+
+
+def _forms(key: str, v: float) -> list[float]:
+    """The ways a value may be quoted: as it is; a fraction in [0, 1] as a percentage; a duration
+    (a key naming seconds or a wall time) in minutes and hours."""
+    forms = [v]
+    if 0 <= v <= 1:
+        forms.append(100 * v)
+    if "second" in key or "wall" in key:
+        forms += [v / 60, v / 3600]
+    return forms
+
+
+def _numbers(text: str) -> list[str]:
+    return [n.replace("−", "-").replace(",", "").lstrip("-") for n in NUMBER.findall(text)]
+
+
+def held_numbers(results: Path, extra_texts: Iterable[str] = ()) -> set[str]:
+    """Every way a number held by the results (and the configs) may be written: JSON values at 1-4
+    decimals (:func:`_forms`: as they are, fractions as percentages, durations in minutes and hours);
+    numbers of the results' markdown files, of ``extra_texts`` (rendered blocks) and of the experiment
+    configs."""
+    held: set[str] = set()
+    for path in sorted(results.rglob("*.json")):
+        for key, v in _values(json.loads(path.read_text())):
+            for x in _forms(key, v):
+                if math.isfinite(x):
+                    held.update(f"{abs(x):.{d}f}" for d in range(1, 5))
+    texts = [p.read_text() for p in sorted(results.rglob("*.md"))] + list(extra_texts)
+    texts += [p.read_text() for p in sorted((results.parent / "experiments").rglob("*.yaml"))]
+    for text in texts:
+        held.update(_numbers(text))
+    return held
+
+
+def measured_regions(readme: str) -> str:
+    """The text the number check covers: the Measured results section and ``<!-- measured -->`` regions,
+    without code spans and fenced code (commands, paths) and without HTML comments."""
+    parts = re.findall(r"^## Measured results\n(.*?)(?=^## |\Z)", readme, re.S | re.M)
+    parts += re.findall(r"<!-- measured -->(.*?)<!-- /measured -->", readme, re.S)
+    parts += [p for p in PENDING.findall(readme) if p not in "\n".join(parts)]  # pending ones elsewhere
+    text = "\n".join(parts)
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    text = re.sub(r"\]\([^)]*\)", "]", text)  # link targets
+    return re.sub(r"<!--.*?-->", "", text, flags=re.S)
+
+
+def named_results_files(readme: str) -> list[str]:
+    """Every ``results/...`` file the README names in a code span (``{a,b}`` alternatives expanded),
+    except in ``<!-- pending -->`` regions (files of runs not made yet)."""
+    names: set[str] = set()
+    for rel in re.findall(r"`(results/[\w./{},-]+)`", PENDING.sub("", readme)):
+        names.update(_expand(rel))
+    return sorted(names)
+
+
+def _expand(rel: str) -> list[str]:
+    """``results/cpu/bench_seg.{json,md}`` -> both names."""
+    m = re.search(r"\{([^}]*)\}", rel)
+    if not m:
+        return [rel]
+    return [n for alt in m.group(1).split(",") for n in _expand(rel[:m.start()] + alt + rel[m.end():])]
+
+
+def _declared(readme: str, held: set[str]) -> tuple[set[str], list[str]]:
+    """Numbers declared in ``<!-- derived|constant: X = EXPR -->`` comments, and what is wrong with
+    any declaration (an operand not held, arithmetic that does not give X)."""
+    ok, problems = set(), []
+    for kind, number, expr in DECLARED.findall(readme):
+        number = number.strip().replace("−", "-").lstrip("+-")
+        if not re.fullmatch(r"[\d.+\-*/() ]+", expr):
+            problems.append(f"{number}: cannot evaluate {expr!r}")
+            continue
+        if kind == "derived":
+            missing = [n for n in re.findall(r"\d+(?:\.\d+)?", expr) if "." in n and n not in held]
+            if missing:
+                problems.append(f"{number} = {expr}: operand(s) {missing} held by no results file")
+                continue
+        digits = len(number.split(".")[1]) if "." in number else 0
+        value = eval(expr, {"__builtins__": {}})  # digits and + - * / ( ) only (checked above)
+        if f"{abs(value):.{digits}f}" != number:
+            problems.append(f"{number} = {expr}: the expression gives {value:.{digits + 2}f}")
+            continue
+        ok.add(number)
+    return ok, problems
+
+
+def unsourced_numbers(readme: str, results: Path) -> list[str]:
+    """Numbers of the README's measured regions that no results file holds (with their line), and
+    declarations that do not check out. Empty: every number is sourced."""
+    rendered = [TABLES[m.group(2)](results) for m in BLOCK.finditer(readme) if m.group(2) in TABLES]
+    held = held_numbers(results, rendered)
+    declared, problems = _declared(readme, held)
+    out = [f"declaration {p}" for p in problems]
+    for line in measured_regions(readme).splitlines():
+        for n in _numbers(line):
+            if n not in held and n not in declared:
+                out.append(f"{n}: {line.strip()[:120]}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dg_lightning.eval.readme_numbers", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    p.add_argument("--results", default=str(ROOT / "results"))
+    p.add_argument("--check", action="store_true", help="only check: exit 1 if a block is out of date")
+    args = p.parse_args(argv)
+    path, results = Path(args.readme), Path(args.results)
+    text = path.read_text()
+    new = render(text, results)
+    names = [m.group(2) for m in BLOCK.finditer(text)]
+    if args.check:
+        stale = [n for n, a, b in zip(names, BLOCK.finditer(text), BLOCK.finditer(new)) if a.group(3) != b.group(3)]
+        print(f"out of date: {stale}; run `make readme-numbers`" if stale else f"up to date: {len(names)} tables")
+        return 1 if stale else 0
+    path.write_text(new)
+    print(f"rendered {len(names)} tables into {path}: {', '.join(names)}")
+    unsourced = unsourced_numbers(new, results)
+    if unsourced:
+        print("numbers held by no results file:\n  " + "\n  ".join(unsourced), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
