@@ -1,12 +1,13 @@
 """ISSA on the CPU, tiny configuration: `make bench-issa`.
 
     python -m dg_lightning.bench.issa [--data DIR] [--seeds 0 1] [--out bench/issa] [--gan-steps N]
-        [--encoder-steps N] [--gan-ckpt CKPT] [--segmenter CKPT] [-- overrides for the segmentation runs]
+        [--encoder-steps N] [--gan-ckpt CKPT] [--encoder-ckpt CKPT] [--segmenter CKPT]
+        [-- overrides for the segmentation runs]
 
 1. stage 1, ``experiments/issa/cityscapes_tiny_gan.yaml``: StyleGAN2 on the Cityscapes training scenes
    (64 x 128), ``--gan-steps`` batches (``--gan-ckpt``: reuse a stage-1 checkpoint instead);
 2. stage 2, ``experiments/issa/cityscapes_tiny_encoder.yaml``: the masked noise encoder, ``--encoder-steps``
-   batches (each 16 real + 16 generated images);
+   batches (each 16 real + 16 generated images; ``--encoder-ckpt``: reuse a stage-2 checkpoint instead);
 3. per seed, ``make bench-seg``'s ERM (its runs in ``--erm-runs`` when they exist, else run here), ERM + ISSA
    (``experiments/cpu/seg_cityscapes_erm_issa.yaml``: intra-source styles) and ERM + ISSA with CamVid
    *train* images as extra-source exemplars (``seg_cityscapes_erm_issa_camvid_styles.yaml``), same data,
@@ -84,6 +85,9 @@ def main(argv=None) -> int:
     p.add_argument("--gan-steps", type=int, default=1500, help="stage-1 batches (one D and one G step each)")
     p.add_argument("--gan-ckpt", default=None, help="a stage-1 checkpoint to reuse instead of training stage 1")
     p.add_argument("--encoder-steps", type=int, default=800, help="stage-2 batches")
+    p.add_argument("--encoder-ckpt", default=None,
+                   help="a stage-2 checkpoint to reuse instead of training stage 2 (its stage 1 is the one it was "
+                        "trained against; --gan-ckpt is then only recorded)")
     p.add_argument("--erm-runs", default="bench/seg/erm", help="ERM runs of `make bench-seg` to reuse")
     p.add_argument("--segmenter", default=None,
                    help="segmenter checkpoint for the layout measure (default: the seed-0 ERM run's last.ckpt)")
@@ -103,17 +107,25 @@ def main(argv=None) -> int:
                     "data": str(data), "seeds": args.seeds, "wall_seconds": {}, "runs": [],
                     "steps": {"gan": args.gan_steps, "encoder": args.encoder_steps}}
     gan_ckpt = out / "runs/issa/gan/checkpoints/last.ckpt"
-    if args.gan_ckpt:
+    if args.gan_ckpt and Path(args.gan_ckpt).resolve() != gan_ckpt.resolve():
         gan_ckpt.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(args.gan_ckpt, gan_ckpt)
+    if args.gan_ckpt:
         report["gan_ckpt"] = str(Path(args.gan_ckpt).resolve())
-    else:
+    elif not args.encoder_ckpt:
         report["wall_seconds"]["gan"] = run(
             [*cli, "issa", "fit", "--config", str(ROOT / "experiments/issa/cityscapes_tiny_gan.yaml"),
              f"--trainer.max_steps={2 * args.gan_steps}", quiet, *shlex.split(args.gan_args)], out, env)
-    report["wall_seconds"]["encoder"] = run(
-        [*cli, "issa", "fit", "--config", str(ROOT / "experiments/issa/cityscapes_tiny_encoder.yaml"),
-         f"--trainer.max_steps={2 * args.encoder_steps}", quiet, *shlex.split(args.encoder_args)], out, env)
+    encoder_ckpt = out / "runs/issa/encoder/checkpoints/last.ckpt"
+    if args.encoder_ckpt:
+        if Path(args.encoder_ckpt).resolve() != encoder_ckpt.resolve():
+            encoder_ckpt.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(args.encoder_ckpt, encoder_ckpt)
+        report["encoder_ckpt"] = str(Path(args.encoder_ckpt).resolve())
+    else:
+        report["wall_seconds"]["encoder"] = run(
+            [*cli, "issa", "fit", "--config", str(ROOT / "experiments/issa/cityscapes_tiny_encoder.yaml"),
+             f"--trainer.max_steps={2 * args.encoder_steps}", quiet, *shlex.split(args.encoder_args)], out, env)
     for seed in args.seeds:
         for method, config in RUNS.items():
             run_dir = out / "runs" / method.split(" ")[0].lower().replace("+", "_") / \
@@ -134,8 +146,7 @@ def main(argv=None) -> int:
     segmenter = Path(args.segmenter) if args.segmenter else \
         Path(report["erm_dirs"][args.seeds[0]]) / "checkpoints" / "last.ckpt"
     t0 = time.time()
-    report["mechanism"] = mechanism(out / "runs/issa/encoder/checkpoints/last.ckpt", data, segmenter, out,
-                                    args.eval_images)
+    report["mechanism"] = mechanism(encoder_ckpt, data, segmenter, out, args.eval_images)
     report["wall_seconds"]["mechanism"] = round(time.time() - t0, 1)
     mech = report["mechanism"]
     md = [f"Mechanism on {mech['images']} Cityscapes val scenes (generator 64 x 128): reconstruction PSNR "
