@@ -8,7 +8,7 @@ DG_DATA     ?= $(shell [ -d ../shared/data ] && echo ../shared/data)
 SEEDS       ?= 0 1
 # bench-pacs picks its seeds from the hardware (GPU 0 1 2, CPU 0 1) unless SEEDS is given
 SEEDS_ARG   := $(if $(filter command line environment,$(origin SEEDS)),--seeds $(SEEDS))
-MNIST_METHODS ?= ERM CORAL IRM
+MNIST_METHODS ?= ERM CORAL GroupDRO
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1

@@ -212,6 +212,98 @@ def identifiability(results: Path) -> str:
     return "\n\n".join(tables)
 
 
+@table("bench-speed")
+def bench_speed(results: Path) -> str:
+    """``make bench-speed``: per method and backbone, each pipeline's median images/s, its median ratio
+    to the same round's compute limit and, for ``batched``, to DomainBed's loop at the same workers."""
+    d = load(results, "cpu/bench_speed.json")
+    rows = []
+    for res in d["results"]:
+        name = f"{res['method'].upper()}, {res['backbone']} {res['image_size']} px"
+        for r in res["rows"]:
+            vs = r.get("ratio_to_domainbed")
+            rows.append([name, r["pipeline"], "" if r["num_workers"] is None else r["num_workers"],
+                         f"{r['median_img_per_s']:.1f}", f"{r['ratio_to_compute']:.2f}",
+                         "—" if vs is None else f"{vs:.2f}"])
+    return md_table(["method, backbone", "pipeline", "workers", "img/s (median)", "/ compute", "batched / DomainBed"],
+                    rows, "llrrrr") + f"\n\n{d['rounds']} rounds, {d['date']}, {d['data']}; commit `{d['commit']}` " \
+        f"(`results/cpu/bench_speed.json`)."
+
+
+@table("bench-pacs-lite0-batched")
+def bench_pacs_lite0_batched(results: Path) -> str:
+    """Table 2's ERM runs (per-sample PIL path) beside the same YAML and seeds on the batched + cached path."""
+    old = load(results, "cpu/bench_pacs.json")["tables"]["lite0-imagenet-96px"]["runs"]
+    new = load(results, "cpu/bench_pacs_lite0_batched.json")["runs"]
+    sel = "training-domain validation"
+    return method_rows({"per-sample PIL path (table 2)": [r for r in old if r["selection"] == sel],
+                        "batched + cached path": [r for r in new if r["selection"] == sel]}, "Data path")
+
+
+@table("bench-pacs-baselines")
+def bench_pacs_baselines(results: Path) -> str:
+    t = load(results, "cpu/bench_pacs_baselines.json")["tables"]
+    return method_rows({"ERM": t["erm-lite0-96px"]["runs"], "CORAL": t["coral-lite0-96px"]["runs"],
+                        "ERM + SWAD run": t["erm-swad-lite0-96px"]["runs"]})
+
+
+def _mnist(results: Path, key: str) -> str:
+    """One ``make bench-mnist`` benchmark: DomainBed's published ERM row, then each method x selection."""
+    d = load(results, "cpu/bench_mnist.json")
+    published = d["published_erm"][key]
+    tables = d["tables"][key]
+    first = next(iter(tables.values()))["runs"]
+    domains = list(dict.fromkeys(r["domain"] for r in sorted(first, key=lambda r: r["domain"])))
+    rows = [["ERM, published (DomainBed, 5,000 steps)", "training-domain val.", *(f"{v:.1f}" for v in published)]]
+    for method, m in tables.items():
+        for sel, v in per_domain_table(m["runs"]).items():
+            rows.append([f"{method}, here", SHORT.get(sel, sel), *(fmt(*v[c][:2]) if c in v else "—"
+                                                                 for c in [*domains, "Avg"])])
+    return md_table(["Method", "Selection", *domains, "Avg"], rows, "ll" + "r" * (len(domains) + 1))
+
+
+@table("bench-mnist-cmnist")
+def bench_mnist_cmnist(results: Path) -> str:
+    return _mnist(results, "cmnist")
+
+
+@table("bench-mnist-rmnist")
+def bench_mnist_rmnist(results: Path) -> str:
+    return _mnist(results, "rmnist")
+
+
+ISSA_MECHANISM = [("psnr_db", "PSNR (dB)", "{:.2f}"), ("lpips", "LPIPS", "{:.3f}"), ("miou_real", "mIoU on A", "pct"),
+                  ("miou_recon", "mIoU on G(w_A, n_A)", "pct"), ("miou_mix", "mIoU on G(w_B, n_A)", "pct"),
+                  ("layout_kept", "layout kept", "{:.3f}"), ("style_moved", "style moved", "{:.3f}"),
+                  ("style_moved_recon", "style moved (recon)", "{:.3f}"),
+                  ("style_content_ratio", "grid style/content std", "{:.3f}")]
+
+
+@table("issa-mechanism")
+def issa_mechanism(results: Path) -> str:
+    """The old (single-channel noise) and new stage 2, same stage 1 and CPU budget, scored alike."""
+    rows = []
+    for label, name in (("old code", "cpu/issa_mechanism_old.json"), ("new code", "cpu/issa_mechanism_new.json")):
+        d = load(results, name)
+        rows.append([label, *(f"{100 * d[k]:.1f}" if f == "pct" else f.format(d[k]) for k, _, f in ISSA_MECHANISM)])
+    return md_table(["", *(h for _, h, _ in ISSA_MECHANISM)], rows)
+
+
+@table("bench-issa")
+def bench_issa(results: Path) -> str:
+    """``make bench-issa``: mIoU per target, mean ± standard error over seeds, per method and selection."""
+    d = load(results, "cpu/bench_issa.json")
+    targets = {"cityscapes": "Cityscapes val", "camvid": "CamVid", "camvid_dusk": "CamVid dusk"}
+    rows = []
+    for sel in ("training-domain validation", "stylised proxy validation", "oracle"):
+        for method in dict.fromkeys(r["method"] for r in d["runs"]):
+            runs = [r for r in d["runs"] if r["method"] == method and sel in r["selections"]]
+            if runs:
+                cells = [seed_mean(runs, lambda r, t=t, s=sel: r["selections"][s]["test"][t]) for t in targets]
+                rows.append([method, SHORT.get(sel, sel), *cells])
+    return md_table(["Method", "Selection", *targets.values()], rows, "llrrr")
+
+
 # -- rendering --------------------------------------------------------------------------------------
 def render(readme: str, results: Path) -> str:
     """``readme`` with every ``<!-- results:NAME -->`` block re-rendered; an unknown NAME is an error."""
