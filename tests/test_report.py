@@ -108,8 +108,15 @@ def test_report_label_by_directory_and_errors(tmp_path, capsys):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| erm_lite0 | 50.0 | 50.0 |" in md and "| erm_r18 | 70.0 | 70.0 |" in md
     assert "training-domain validation" not in md
-    assert report_main([str(tmp_path / "nothing")]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    # through the CLI's one error path: the message, no traceback, exit status 2
+    from dg_lightning.cli import main as cli_main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["report", str(tmp_path / "nothing")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
 
 
 def test_report_names_each_benchmarks_metric(tmp_path):

@@ -262,11 +262,7 @@ def report_main(argv: list[str]) -> int:
     p.add_argument("--metric", default=None, help="default: the test metric (accuracy / mIoU); "
                    "official/<name>: a benchmark's official metric (WILDS), e.g. official/F1-macro_all")
     args = p.parse_args(argv)
-    try:
-        files = find_results(args.runs)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    files = find_results(args.runs)  # DataNotFoundError: the CLI prints it and exits 2, as every subcommand
     # runs of a `dg-lightning sweep`: hyperparameters chosen per held-out domain by DomainBed's criteria
     from dg_lightning.eval import model_selection as ms
 
