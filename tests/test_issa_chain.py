@@ -268,3 +268,45 @@ def test_bench_issa_runs_end_to_end_at_toy_size(tmp_path):
     assert Image.open(tmp_path / "out/mixing_grid.png").size == (5 * 64, 5 * 32)  # 4 styles + content column
     md = (tmp_path / "out/bench_issa.md").read_text()
     assert "| ERM+ISSA |" in md and "| ERM+ISSA (CamVid-train styles) |" in md and "stylised proxy validation" in md
+
+
+def test_reconstruction_terms_use_both_halves_and_the_adversarial_terms_the_real_one(encoder_ckpt):
+    """Official ``multi_accumulate``: pixel, LPIPS, KL and noise terms on the real and the generated
+    half; hinge and feature matching on the real half's reconstructions; the latent term on the
+    generated half. Changing one half moves exactly the terms that half enters."""
+    _, enc = encoder_ckpt
+    enc.eval()
+    torch.manual_seed(1)
+    real = torch.rand(2, 3, *TINY["size"]) * 2 - 1
+    gen, w_gt = enc.generated_half(2)
+
+    def terms(r, g, w):
+        torch.manual_seed(0)  # the same masks each call
+        with torch.no_grad():
+            return {k: float(v) for k, v in enc.encoder_losses(r, g, w)[0].items()}
+
+    base = terms(real, gen, w_gt)
+    other_gen = terms(real, gen.flip(-1), w_gt)  # only the generated half changes
+    for k in ("pixel", "lpips", "kl", "noise"):
+        assert other_gen[k] != pytest.approx(base[k], rel=1e-6, abs=0), k
+    for k in ("adv", "fm"):
+        assert other_gen[k] == pytest.approx(base[k], rel=1e-6), k
+    other_real = terms(real.flip(-1), gen, w_gt)  # only the real half changes
+    for k in ("pixel", "lpips", "adv", "fm"):
+        assert other_real[k] != pytest.approx(base[k], rel=1e-6, abs=0), k
+    assert other_real["latent"] == pytest.approx(base["latent"], rel=1e-6)
+    assert terms(real, gen, w_gt.flip(0))["latent"] != pytest.approx(base["latent"], rel=1e-6, abs=0)
+
+
+def test_paper_size_encoder_yaml_makes_the_official_choices():
+    """The paper-size stage 2 uses what the official configuration uses; the tiny CPU one may differ."""
+    import yaml
+
+    from tests.conftest import ROOT
+
+    args = yaml.safe_load((ROOT / "experiments/issa/cityscapes_paper_encoder.yaml").read_text())["model"]["init_args"]
+    assert args["backbone"] == "fpn_resnet50" and args["optimizer"] == "ranger" and args["lpips_net"] == "vgg"
+    assert args["d_ndf"] == 64 and args["d_refresh_fakes"] is True and args["mask_patch"] == 4
+    assert (args["lr"], args["d_lr"], args["r1_gamma"], args["r1_every"]) == (1e-4, 1e-5, 0.1, 16)
+    assert (args["blur_sigma"], args["blur_fade_images"]) == (10.0, 200_000)
+    assert (args["latent_hold_images"], args["latent_fade_images"]) == (200_000, 500_000)
