@@ -283,6 +283,9 @@ def parse_args(argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    from dg_lightning.cli_utils import quiet_third_party
+
+    quiet_third_party()  # its many short fits would print Lightning's tip and a torch deprecation each time
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     tmp = None
