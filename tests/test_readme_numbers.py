@@ -51,8 +51,9 @@ def test_the_number_check_can_fail():
 
     assert check("Wall time 12.34 min.") == ["12.34: Wall time 12.34 min."]
     assert check("Run `python x.py --lr 12.34` first.") == []  # code: a command, not a number
-    assert check("Up 9.9 points. <!-- derived: 9.9 = 62.8 - 52.9 -->") == \
-        ["declaration 9.9 = 62.8 - 52.9: operand(s) ['52.9'] held by no results file", "9.9: Up 9.9 points."]
+    assert check("Up 9.883 points. <!-- derived: 9.883 = 62.8 - 52.917 -->") == \
+        ["declaration 9.883 = 62.8 - 52.917: operand(s) ['52.917'] held by no results file",
+         "9.883: Up 9.883 points."]
     assert check("Up 29.4 points. <!-- derived: 29.4 = 62.8 - 33.3 -->")[0].startswith(
         "declaration 29.4 = 62.8 - 33.3: the expression gives 29.50")
     assert check("Chance 33.3 %. <!-- constant: 33.3 = 100 / 3 -->") == []
