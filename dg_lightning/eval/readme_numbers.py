@@ -147,11 +147,15 @@ def bench_steptime(results: Path) -> str:
                     ([r["method"], f"{r['seconds_per_step']:.3f}", f"{r['relative_to_first']:.2f}"] for r in d["rows"]))
 
 
+#: the segmentation benches' targets (results key -> column), bench-seg's and bench-issa's tables
+SEG_TARGETS = {"cityscapes": "Cityscapes val", "camvid": "CamVid", "camvid_dusk": "CamVid dusk"}
+
+
 @table("bench-seg")
 def bench_seg(results: Path) -> str:
     """mIoU per target, last checkpoint (the ``oracle`` row: segmentation DG's convention)."""
     runs = load(results, "cpu/bench_seg.json")["runs"]
-    targets = {"cityscapes": "Cityscapes val", "camvid": "CamVid", "camvid_dusk": "CamVid dusk"}
+    targets = SEG_TARGETS
     rows = []
     for method in dict.fromkeys(r["method"] for r in runs):
         mine = [r for r in runs if r["method"] == method]
@@ -296,7 +300,7 @@ def issa_mechanism(results: Path) -> str:
 def bench_issa(results: Path) -> str:
     """``make bench-issa``: mIoU per target, mean ± standard error over seeds, per method and selection."""
     d = load(results, "cpu/bench_issa.json")
-    targets = {"cityscapes": "Cityscapes val", "camvid": "CamVid", "camvid_dusk": "CamVid dusk"}
+    targets = SEG_TARGETS
     rows = []
     for sel in ("training-domain validation", "stylised proxy validation"):  # 2 epochs: oracle = the last
         for method in dict.fromkeys(r["method"] for r in d["runs"]):
