@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dg_lightning.core.augment import BatchViews, DomainBedBatch
-from dg_lightning.core.cache import DecodedCache, writable_folder
+from dg_lightning.core.cache import DecodedCache, resize_uint8, writable_folder
 from dg_lightning.data import PACS, SyntheticShapes
 from dg_lightning.methods import ERM
 from tests.conftest import write_fake_pacs
@@ -64,7 +64,7 @@ def test_read_only_data_root_falls_back_to_dg_cache(pacs_root, tmp_path, monkeyp
                   batch_augment=True, split_seed=0)
         dm.prepare_data()
         assert not (pacs_root / ".dg_lightning").exists()
-        assert list((tmp_path / "user-cache" / "decoded").glob("pacs-*-photo-9px-*.u8"))
+        assert list((tmp_path / "user-cache" / "decoded").glob("pacs-*-photo-fit9px-*.u8"))
     finally:
         os.chmod(pacs_root, 0o755)
     assert writable_folder([pacs_root / ".dg_lightning"]) == pacs_root / ".dg_lightning"
@@ -99,6 +99,46 @@ def test_batched_training_batches(pacs_root, cache):
                batch_augment=True, cache_images=cache, num_workers=1)
     x1 = dm1.finish_batch(next(iter(dm1.train_dataloader())))[0]
     assert torch.equal(x, x1)
+
+
+def test_a_cropping_copy_only_shrinks_each_axis_and_keeps_the_rest_zero():
+    rng = np.random.RandomState(0)
+    wide = Image.fromarray(rng.randint(0, 255, (20, 30, 3), dtype=np.uint8))  # 20 high, 30 wide
+    stored, hw = resize_uint8(wide, 24, upscale=False)
+    assert stored.shape == (24, 24, 3) and hw == (20, 30)
+    assert np.array_equal(stored[:20], np.asarray(wide.resize((24, 20), Image.BILINEAR)))  # width shrunk only
+    assert not stored[20:].any()
+    small = Image.fromarray(rng.randint(0, 255, (20, 20, 3), dtype=np.uint8))
+    stored, _ = resize_uint8(small, 24, upscale=False)
+    assert np.array_equal(stored[:20, :20], np.asarray(small)) and not stored[20:].any() and not stored[:, 20:].any()
+    # the evaluation copy (upscale, the default) is still the square resize
+    assert np.array_equal(resize_uint8(small, 24)[0], np.asarray(small.resize((24, 24), Image.BILINEAR)))
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "decoded-per-access"])
+def test_a_file_smaller_than_the_stored_copy_is_cut_at_its_own_pixels(pacs_root, cache):
+    """20 px files under a 24 px training copy (cache_scale 2 x 12): the crop is PIL's resize of the drawn box
+    of the file itself, as the per-sample path cuts it, not of a copy enlarged to 24 px first."""
+    dm = PACS(root=str(pacs_root), test_domains=["sketch"], batch_size=2, image_size=12, split_seed=0,
+              batch_augment=True, cache_images=cache, cache_scale=2.0)
+    aug = dm.batch_transform
+    assert aug.source_side == 24 and not aug.upscale
+    source = dm.training_source("photo")
+    files = dm._data["photo"][0]
+    for k, seed in [(0, 3), (5, 11), (9, 2)]:
+        pixels, hw = source[k]
+        assert hw == (20, 20)
+        p = aug.draw(seed, hw)
+        x0, y0, x1, y1 = p["box"]
+        want = Image.open(files[k]).convert("RGB").resize((12, 12), Image.BILINEAR,
+                                                          box=(x0 * 20, y0 * 20, x1 * 20, y1 * 20))
+        if p["flip"]:
+            want = want.transpose(Image.FLIP_LEFT_RIGHT)
+        assert np.array_equal(aug.prepare(pixels, hw, seed)["image"].numpy(), np.asarray(want)), (k, seed)
+    if cache:
+        dm.prepare_data()
+        names = [f.name for f in (pacs_root / ".dg_lightning" / "decoded").glob("*.u8")]
+        assert any("-photo-fit24px-" in n for n in names) and any("-photo-12px-" in n for n in names)
 
 
 def test_per_sample_train_transform_keeps_the_per_sample_path(pacs_root):

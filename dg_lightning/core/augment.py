@@ -22,8 +22,10 @@ Presets (``data.augment``):
   ``MultipleEnvironmentImageFolder``'s ``augment_transform``): RandomResizedCrop(scale 0.7-1, ratio
   3/4-4/3), horizontal flip, ColorJitter(0.3, 0.3, 0.3, 0.3) in a random order per image,
   RandomGrayscale(0.1). The crop box is drawn as torchvision draws it, on the *original* image's
-  pixel grid, and cut from the stored copy (``cache_scale`` x the training side) in the same
-  relative coordinates (PIL's antialiased bilinear resize, as torchvision's on PIL images). The colour
+  pixel grid, and cut from the stored copy (``cache_scale`` x the training side, never larger than
+  the file: ``core.cache.stored_extent``) in the same relative coordinates (PIL's antialiased
+  bilinear resize, as torchvision's on PIL images), so a file no larger than the copy is cut at its
+  own pixels, as the per-sample path cuts it. The colour
   operations are torchvision's tensor formulas with one factor per sample, in float rather than
   PIL's uint8 between operations. (Written here: torchvision's functional ops take one factor per
   call, and kornia's per-sample ColorJitter applies one order to the whole batch.)
@@ -46,6 +48,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
+from dg_lightning.core.cache import stored_extent
 from dg_lightning.core.errors import ConfigError
 from dg_lightning.core.seeding import stable_seed
 
@@ -71,7 +74,11 @@ class BatchAugment:
     Attributes:
         size: output side.
         source_side: side of the stored (cached) images it reads.
+        upscale: whether a file smaller than ``source_side`` is stored enlarged to it; ``False`` (a
+            cropping preset): stored at its own size at the top left (``core.cache.stored_extent``).
     """
+
+    upscale = True
 
     def __init__(self, size: int, source_side: int | None = None):
         self.size, self.source_side = size, source_side or size
@@ -175,6 +182,8 @@ class DomainBedBatch(BatchAugment):
     """DomainBed's training augmentation (module docstring). Per-sample parameters after the crop:
     brightness / contrast / saturation / hue factors, their order (a permutation of 0..3), grayscale."""
 
+    upscale = False
+
     def __init__(self, size: int, source_side: int | None = None, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3),
                  jitter: float = 0.3, grayscale: float = 0.1):
         super().__init__(size, source_side)
@@ -196,9 +205,10 @@ class DomainBedBatch(BatchAugment):
 
     def prepare(self, image: np.ndarray, original_hw: tuple[int, int], seed: int) -> dict[str, torch.Tensor]:
         p = self.draw(seed, original_hw)
-        side_h, side_w = image.shape[:2]
+        side_h, side_w = stored_extent(original_hw, image.shape[0], self.upscale)
         x0, y0, x1, y1 = p["box"]
-        out = Image.fromarray(image).resize((self.size, self.size), Image.BILINEAR,
+        # only the file's own extent: PIL's filter reads past the box, never into the zero padding
+        out = Image.fromarray(image[:side_h, :side_w]).resize((self.size, self.size), Image.BILINEAR,
                                             box=(x0 * side_w, y0 * side_h, x1 * side_w, y1 * side_h))
         if p["flip"]:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
@@ -244,10 +254,12 @@ class BatchViews(BatchAugment):
     method's clean view and two style views). View ``v`` of a sample draws from ``stable_seed(seed, v)``."""
 
     def __init__(self, augments: Sequence[BatchAugment]):
-        sides = {a.source_side for a in augments}
+        sides = {(a.source_side, a.upscale) for a in augments}
         if len(sides) != 1:
-            raise ConfigError(f"the views read stored images of different sides {sorted(sides)}: use one side")
-        super().__init__(augments[0].size, sides.pop())
+            raise ConfigError(f"the views read stored images of different sides or storage {sorted(sides)} "
+                              "((side, upscale)): give every view the same source")
+        super().__init__(augments[0].size, augments[0].source_side)
+        self.upscale = augments[0].upscale
         self.augments = list(augments)
 
     def prepare(self, image: np.ndarray, original_hw: tuple[int, int], seed: int) -> dict[str, Any]:

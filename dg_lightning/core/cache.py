@@ -4,6 +4,10 @@ A training epoch then reads bytes instead of decoding JPEGs. Each domain (and si
 ``(N, side, side, 3)`` of uint8 pixels (HWC, as PIL and the loader's crop want them), resized exactly as the evaluation transform resizes
 (``v2.Resize((side, side))``: PIL bilinear, antialiased), plus every image's original (height,
 width), which the batched augmentation needs to draw its crop in the original's geometry.
+A cropping preset's training copy is built with ``upscale=False``: a file is only ever shrunk, axis by
+axis, to at most ``side`` (:func:`stored_extent`) and kept at the top left of the square, so a file
+smaller than the copy (PACS at 96 px under a 110 px copy) reaches the crop at its own pixels instead of
+being enlarged and resampled twice.
 
 * **Keyed** by the file list and each file's size and modification time (and the side): a changed,
   added or removed file gives a new key, so a stale cache is never read; the old file is deleted
@@ -82,15 +86,28 @@ def writable_folder(candidates: Sequence[Path]) -> Path:
                       fix="set data.cache_dir (or DG_CACHE) to a writable folder")
 
 
-def resize_uint8(image: Any, side: int) -> tuple[np.ndarray, tuple[int, int]]:
+def stored_extent(original_hw: tuple[int, int], side: int, upscale: bool = True) -> tuple[int, int]:
+    """(height, width) that an image of ``original_hw`` fills in a cache of ``side``: the whole square,
+    or with ``upscale=False`` each axis shrunk to at most ``side`` and never enlarged."""
+    if upscale:
+        return side, side
+    return min(int(original_hw[0]), side), min(int(original_hw[1]), side)
+
+
+def resize_uint8(image: Any, side: int, upscale: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
     """``image`` (PIL, or a CHW uint8 tensor) resized to ``side x side`` as the evaluation transform
-    does; returns (HWC uint8 array, original (height, width))."""
-    if isinstance(image, Image.Image):
-        hw = (image.height, image.width)
-        out = np.asarray(v2.functional.resize(image, [side, side], antialias=True))
-    else:
-        hw = tuple(int(s) for s in image.shape[-2:])
-        out = v2.functional.resize(torch.as_tensor(image), [side, side], antialias=True).permute(1, 2, 0).numpy()
+    does (``upscale=False``: to :func:`stored_extent`, at the top left of a zero ``side x side``
+    square); returns (HWC uint8 array, original (height, width))."""
+    pil = isinstance(image, Image.Image)
+    hw = (image.height, image.width) if pil else tuple(int(s) for s in image.shape[-2:])
+    extent = stored_extent(hw, side, upscale)
+    if upscale or extent != hw:
+        image = v2.functional.resize(image if pil else torch.as_tensor(image), list(extent), antialias=True)
+    out = np.asarray(image) if pil else torch.as_tensor(image).permute(1, 2, 0).numpy()
+    if extent != (side, side):
+        square = np.zeros((side, side, 3), dtype=np.uint8)
+        square[: extent[0], : extent[1]] = out
+        out = square
     return np.ascontiguousarray(out, dtype=np.uint8), hw
 
 
@@ -98,30 +115,24 @@ class DecodeOnLoad:
     """The cache's interface without a cache: each access decodes and resizes (``batch_augment``
     without ``cache_images``)."""
 
-    def __init__(self, items: Sequence[Any], load: Callable[[Any], Any], side: int):
-        self.items, self.load, self.side = list(items), load, side
+    def __init__(self, items: Sequence[Any], load: Callable[[Any], Any], side: int, upscale: bool = True):
+        self.items, self.load, self.side, self.upscale = list(items), load, side, upscale
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, k: int) -> tuple[np.ndarray, tuple[int, int]]:
-        return resize_uint8(self.load(self.items[k]), self.side)
+        return resize_uint8(self.load(self.items[k]), self.side, self.upscale)
 
 
-class _Decode(Dataset):
-    def __init__(self, items, load, side):
-        self.items, self.load, self.side = items, load, side
-
-    def __len__(self):
-        return len(self.items)
-
+class _Decode(DecodeOnLoad):
     def __getitem__(self, k):
-        return (k, *resize_uint8(self.load(self.items[k]), self.side))
+        return (k, *super().__getitem__(k))
 
 
-def _fingerprint(items: Sequence[Any], side: int) -> str:
-    """sha1 of the version, the side, and each item's path, size and modification time."""
-    h = hashlib.sha1(f"v{CACHE_VERSION}/{side}/{len(items)}".encode())
+def _fingerprint(items: Sequence[Any], side: int, upscale: bool = True) -> str:
+    """sha1 of the version, the side (and ``upscale``), and each item's path, size and modification time."""
+    h = hashlib.sha1(f"v{CACHE_VERSION}/{side}/{len(items)}{'' if upscale else '/shrink-only'}".encode())
     for item in items:
         st = os.stat(item)
         h.update(f"\n{os.fspath(item)}\t{st.st_size}\t{st.st_mtime_ns}".encode())
@@ -173,25 +184,27 @@ class DecodedCache:
 
     # -- building -----------------------------------------------------------------------------------
     @classmethod
-    def in_memory(cls, items: Sequence[Any], load: Callable[[Any], Any], side: int) -> DecodedCache:
+    def in_memory(cls, items: Sequence[Any], load: Callable[[Any], Any], side: int,
+                  upscale: bool = True) -> DecodedCache:
         """For data that is already in memory (generated): the resized pixels in an array."""
-        decoded = [resize_uint8(load(item), side) for item in items]
+        decoded = [resize_uint8(load(item), side, upscale) for item in items]
         return cls(len(items), side, np.array([hw for _, hw in decoded]).reshape(-1, 2),
                    array=np.stack([p for p, _ in decoded]) if decoded else np.zeros((0, side, side, 3), np.uint8))
 
     @classmethod
     def open_or_build(cls, folder: Path, name: str, items: Sequence[Any], load: Callable[[Any], Any],
-                      side: int, workers: int = 0, log: Callable[[str], None] = print) -> DecodedCache:
+                      side: int, workers: int = 0, log: Callable[[str], None] = print,
+                      upscale: bool = True) -> DecodedCache:
         """The cache of ``items`` (file paths) at ``side`` in ``folder``, built first if missing or stale."""
-        key = _fingerprint(items, side)
-        stem = f"{name}-{side}px"
+        key = _fingerprint(items, side, upscale)
+        stem = f"{name}-{side}px" if upscale else f"{name}-fit{side}px"  # neither glob matches the other
         pixels = folder / f"{stem}-{key[:16]}.u8"
         meta_path, sizes_path = pixels.with_suffix(".json"), pixels.with_suffix(".sizes.npy")
         with _locked(folder / f"{stem}.lock"):
             if not cls._valid(pixels, meta_path, key, len(items), side):
                 t0 = time.perf_counter()
                 log(f"decoded-image cache: decoding {len(items)} images at {side} px into {pixels}")
-                sizes = cls._build(pixels, items, load, side, workers)
+                sizes = cls._build(pixels, items, load, side, workers, upscale)
                 np.save(sizes_path, sizes)
                 tmp = meta_path.with_suffix(".json.tmp")
                 tmp.write_text(json.dumps({"version": CACHE_VERSION, "key": key, "n": len(items), "side": side,
@@ -219,12 +232,12 @@ class DecodedCache:
         return meta.get("key") == key and pixels.stat().st_size == n * 3 * side * side
 
     @staticmethod
-    def _build(pixels: Path, items, load, side: int, workers: int) -> np.ndarray:
+    def _build(pixels: Path, items, load, side: int, workers: int, upscale: bool = True) -> np.ndarray:
         n = len(items)
         tmp = pixels.with_suffix(".u8.tmp")
         out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(max(n, 1), side, side, 3))
         sizes = np.zeros((n, 2), dtype=np.int32)
-        loader = DataLoader(_Decode(list(items), load, side), batch_size=64, num_workers=workers,
+        loader = DataLoader(_Decode(items, load, side, upscale), batch_size=64, num_workers=workers,
                             collate_fn=list)
         for chunk in loader:
             for k, arr, hw in chunk:

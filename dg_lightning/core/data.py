@@ -408,23 +408,28 @@ class MultiDomainDataModule(L.LightningDataModule):
         where = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:8] if root is not None else "data"
         return f"{type(self).__name__.lower()}-{where}-{domain}"
 
-    def image_source(self, domain: str, side: int):
+    def image_source(self, domain: str, side: int, upscale: bool = True):
         """Every image of ``domain`` at ``side`` px: ``source[k] -> (uint8 (side, side, 3), original (h, w))``;
-        from the decoded-image cache (``cache_images``, built on first use), else decoded on access."""
-        key = (domain, side)
+        from the decoded-image cache (``cache_images``, built on first use), else decoded on access.
+        ``upscale=False``: files are only shrunk (``core.cache.stored_extent``), a cropping preset's copy."""
+        key = (domain, side, upscale)
         if key not in self._sources:
             self.setup()
             items = self._data[domain][0]
             if not self.cache_images:
-                self._sources[key] = DecodeOnLoad(items, self._load, side)
+                self._sources[key] = DecodeOnLoad(items, self._load, side, upscale)
             elif not self.cache_on_disk:
-                self._sources[key] = DecodedCache.in_memory(items, self._load, side)
+                self._sources[key] = DecodedCache.in_memory(items, self._load, side, upscale)
             else:
                 folder = writable_folder(cache_candidates(getattr(self, "root", None), self.cache_dir)) / "decoded"
                 folder.mkdir(exist_ok=True)
                 self._sources[key] = DecodedCache.open_or_build(folder, self._cache_name(domain), items, self._load,
-                                                                side, workers=self.num_workers)
+                                                                side, workers=self.num_workers, upscale=upscale)
         return self._sources[key]
+
+    def training_source(self, domain: str):
+        """The stored images the batched training augmentation reads (its side and storage)."""
+        return self.image_source(domain, self.batch_transform.source_side, self.batch_transform.upscale)
 
     def prepare_data(self) -> None:
         """Build the decoded-image caches a fit needs (Lightning calls this on one process per node
@@ -434,7 +439,7 @@ class MultiDomainDataModule(L.LightningDataModule):
         self.setup()
         if self.batched_training:
             for d in self.train_domains:
-                self.image_source(d, self.batch_transform.source_side)
+                self.training_source(d)
         if self.cached_evaluation:
             for d in self.train_domains + self.test_domains:
                 self.image_source(d, self.image_size)
@@ -457,7 +462,7 @@ class MultiDomainDataModule(L.LightningDataModule):
         idx = self.split_indices(domain, part)
         label_list = [labels[i] for i in idx]
         if train and self.batched_training:
-            source = self.image_source(domain, self.batch_transform.source_side)
+            source = self.training_source(domain)
             return CachedDomainDataset(source, idx, label_list, self.domain_names.index(domain), self.batch_transform)
         if not train and self.cached_evaluation:
             source = self.image_source(domain, self.image_size)
