@@ -77,6 +77,15 @@ def mechanism(encoder_ckpt: Path, data: Path, segmenter: Path | None, out: Path,
     return result
 
 
+def place_checkpoint(given: str, where: Path) -> str:
+    """A reused checkpoint copied to where the next stage's YAML looks for it (unless it is that file);
+    returns the given file's absolute path, for the report."""
+    if Path(given).resolve() != where.resolve():
+        where.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(given, where)
+    return str(Path(given).resolve())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="folder holding cityscapes-pix2pix/ and camvid/")
@@ -107,21 +116,15 @@ def main(argv=None) -> int:
                     "data": str(data), "seeds": args.seeds, "wall_seconds": {}, "runs": [],
                     "steps": {"gan": args.gan_steps, "encoder": args.encoder_steps}}
     gan_ckpt = out / "runs/issa/gan/checkpoints/last.ckpt"
-    if args.gan_ckpt and Path(args.gan_ckpt).resolve() != gan_ckpt.resolve():
-        gan_ckpt.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(args.gan_ckpt, gan_ckpt)
     if args.gan_ckpt:
-        report["gan_ckpt"] = str(Path(args.gan_ckpt).resolve())
+        report["gan_ckpt"] = place_checkpoint(args.gan_ckpt, gan_ckpt)
     elif not args.encoder_ckpt:
         report["wall_seconds"]["gan"] = run(
             [*cli, "issa", "fit", "--config", str(ROOT / "experiments/issa/cityscapes_tiny_gan.yaml"),
              f"--trainer.max_steps={2 * args.gan_steps}", quiet, *shlex.split(args.gan_args)], out, env)
     encoder_ckpt = out / "runs/issa/encoder/checkpoints/last.ckpt"
     if args.encoder_ckpt:
-        if Path(args.encoder_ckpt).resolve() != encoder_ckpt.resolve():
-            encoder_ckpt.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(args.encoder_ckpt, encoder_ckpt)
-        report["encoder_ckpt"] = str(Path(args.encoder_ckpt).resolve())
+        report["encoder_ckpt"] = place_checkpoint(args.encoder_ckpt, encoder_ckpt)
     else:
         report["wall_seconds"]["encoder"] = run(
             [*cli, "issa", "fit", "--config", str(ROOT / "experiments/issa/cityscapes_tiny_encoder.yaml"),

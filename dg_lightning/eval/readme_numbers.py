@@ -78,9 +78,11 @@ def lodo_table(runs: list[dict], key: str = "acc") -> str:
 SHORT = {"training-domain validation": "training-domain val."}
 
 
-def method_rows(tables: dict[str, list[dict]], first: str = "Method") -> str:
-    """One row per (method, selection): ``tables`` maps a row label to its LODO runs."""
-    rows, cols = [], None
+def method_rows(tables: dict[str, list[dict]], first: str = "Method", domains: list[str] | None = None,
+                head: Iterable[list] = ()) -> str:
+    """One row per (method, selection): ``tables`` maps a row label to its LODO runs; columns in
+    ``domains``' order (default: sorted), after the ready-made ``head`` rows."""
+    rows, cols = [list(r) for r in head], None if domains is None else [*domains, "Avg"]
     for label, runs in tables.items():
         t = per_domain_table(runs)
         cols = cols or sorted({r["domain"] for r in runs}) + ["Avg"]
@@ -254,16 +256,13 @@ def bench_pacs_baselines(results: Path) -> str:
 def _mnist(results: Path, key: str) -> str:
     """One ``make bench-mnist`` benchmark: DomainBed's published ERM row, then each method x selection."""
     d = load(results, "cpu/bench_mnist.json")
-    published = d["published_erm"][key]
     tables = d["tables"][key]
     first = next(iter(tables.values()))["runs"]
     domains = list(dict.fromkeys(r["domain"] for r in first))  # lodo's order = DomainBed's = the published row's
-    rows = [["ERM, published (DomainBed, 5,000 steps)", "training-domain val.", *(f"{v:.1f}" for v in published)]]
-    for method, m in tables.items():
-        for sel, v in per_domain_table(m["runs"]).items():
-            rows.append([f"{method}, here", SHORT.get(sel, sel), *(fmt(*v[c][:2]) if c in v else "—"
-                                                                 for c in [*domains, "Avg"])])
-    return md_table(["Method", "Selection", *domains, "Avg"], rows, "ll" + "r" * (len(domains) + 1))
+    published = ["ERM, published (DomainBed, 5,000 steps)", "training-domain val.",
+                 *(f"{v:.1f}" for v in d["published_erm"][key])]
+    return method_rows({f"{method}, here": m["runs"] for method, m in tables.items()}, domains=domains,
+                       head=[published])
 
 
 @table("bench-mnist-cmnist")
