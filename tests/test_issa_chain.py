@@ -253,7 +253,8 @@ def test_bench_issa_runs_end_to_end_at_toy_size(tmp_path):
            "--model.init_args.decoder_channels=16", "--data.init_args.crop_size=32", "--data.init_args.batch_size=2",
            "--data.init_args.holdout_fraction=0.34", "--data.init_args.steps_per_epoch=2", "--trainer.max_epochs=1"]
     assert main(["--data", str(data), "--seeds", "0", "--out", str(tmp_path / "out"), "--gan-steps", "2",
-                 "--encoder-steps", "2", "--erm-runs", str(tmp_path / "none"),
+                 "--encoder-steps", "2", "--erm-runs", str(tmp_path / "none"), "--encoder-every", "1",
+                 "--trajectory-images", "4",
                  f"--gan-args={size} --model.init_args.size=[32,64] --model.init_args.w_dim=16 --model.init_args.n_mlp=2"
                  " --model.init_args.channel_base=64 --model.init_args.channel_max=32",
                  f"--encoder-args={size} --model.init_args.noise_height=8 --model.init_args.channels=8"
@@ -268,6 +269,10 @@ def test_bench_issa_runs_end_to_end_at_toy_size(tmp_path):
     assert Image.open(tmp_path / "out/mixing_grid.png").size == (5 * 64, 5 * 32)  # 4 styles + content column
     md = (tmp_path / "out/bench_issa.md").read_text()
     assert "| ERM+ISSA |" in md and "| ERM+ISSA (CamVid-train styles) |" in md and "stylised proxy validation" in md
+    # --encoder-every 1: the mechanism after each stage-2 batch, on 4 scenes
+    assert [(t["batches"], t["images"]) for t in r["trajectory"]] == [(1, 4), (2, 4)]
+    assert all(np.isfinite(t["style_moved"]) for t in r["trajectory"]) and "Stage 2 after 2 batches" in md
+    assert (tmp_path / "out/runs/issa/encoder/checkpoints/last.ckpt").is_file()
 
 
 def test_reconstruction_terms_use_both_halves_and_the_adversarial_terms_the_real_one(encoder_ckpt):

@@ -2,7 +2,7 @@
 
     python -m dg_lightning.bench.issa [--data DIR] [--seeds 0 1] [--out bench/issa] [--gan-steps N]
         [--encoder-steps N] [--gan-ckpt CKPT] [--encoder-ckpt CKPT] [--segmenter CKPT]
-        [-- overrides for the segmentation runs]
+        [--encoder-every K] [--trajectory-only] [-- overrides for the segmentation runs]
 
 1. stage 1, ``experiments/issa/cityscapes_tiny_gan.yaml``: StyleGAN2 on the Cityscapes training scenes
    (64 x 128), ``--gan-steps`` batches (``--gan-ckpt``: reuse a stage-1 checkpoint instead);
@@ -16,7 +16,11 @@
    reconstruction PSNR / LPIPS (random AlexNet trunk, seed 0: comparable only with itself), layout kept
    (mIoU of the seed-0 ERM segmenter, ``--segmenter``, on G(w_B, noise_A) against A's label, as a
    fraction of its mIoU on A), style moved (colour statistics), and the 4 x 4 mixing grid
-   (``mixing_grid.png``) with its style/content per-pixel-std ratio.
+   (``mixing_grid.png``) with its style/content per-pixel-std ratio;
+5. with ``--encoder-every K``: stage 2 also keeps a checkpoint every K batches, and the mechanism is
+   measured at each on ``--trajectory-images`` val scenes (``trajectory``: when, in stage 2, the
+   encoder's w+ starts to carry the style). ``--trajectory-only`` measures the checkpoints already in
+   ``<out>/runs/issa/encoder/checkpoints`` and writes ``<out>/issa_trajectory.json``, nothing else.
 
 Every stage runs in ``<out>`` (the YAMLs' relative run directories line up there). Writes
 ``<out>/bench_issa.json`` and ``<out>/bench_issa.md``.
@@ -77,6 +81,36 @@ def mechanism(encoder_ckpt: Path, data: Path, segmenter: Path | None, out: Path,
     return result
 
 
+def trajectory(ckpt_dir: Path, data: Path, segmenter: Path | None, out: Path, max_images: int) -> list[dict]:
+    """The mechanism at every stage-2 checkpoint kept in ``ckpt_dir`` (``last*.ckpt`` aside), by batches."""
+    kept = {}
+    for ckpt in ckpt_dir.glob("*.ckpt"):
+        if not ckpt.name.startswith("last"):
+            step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+            kept[step // 2] = ckpt  # two optimiser steps (encoder, discriminator) per batch
+    if not kept:
+        raise FileNotFoundError(f"no stage-2 checkpoints in {ckpt_dir}: run stage 2 with --encoder-every K")
+    rows = []
+    for batches in sorted(kept):
+        where = out / f"trajectory-{batches}"
+        where.mkdir(parents=True, exist_ok=True)
+        m = mechanism(kept[batches], data, segmenter, where, max_images)
+        rows.append({"batches": batches, "checkpoint": str(kept[batches]),
+                     **{k: m[k] for k in ("images", "psnr_db", "lpips", "style_moved", "style_moved_recon",
+                                          "layout_kept", "style_content_ratio") if k in m}})
+        print(f"stage 2 after {batches} batches: {rows[-1]}", flush=True)
+    return rows
+
+
+def keep_every(batches: int | None, ckpt_dir: Path) -> list[str]:
+    """Stage-2 overrides that keep a checkpoint every ``batches`` batches (and ``last.ckpt``)."""
+    if not batches:
+        return []
+    return ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", f"--trainer.callbacks.dirpath={ckpt_dir}",
+            f"--trainer.callbacks.every_n_train_steps={2 * batches}", "--trainer.callbacks.save_top_k=-1",
+            "--trainer.callbacks.save_last=true"]
+
+
 def place_checkpoint(given: str, where: Path) -> str:
     """A reused checkpoint copied to where the next stage's YAML looks for it (unless it is that file);
     returns the given file's absolute path, for the report."""
@@ -101,6 +135,11 @@ def main(argv=None) -> int:
     p.add_argument("--segmenter", default=None,
                    help="segmenter checkpoint for the layout measure (default: the seed-0 ERM run's last.ckpt)")
     p.add_argument("--eval-images", type=int, default=None, help="Cityscapes val scenes to measure (default: all 500)")
+    p.add_argument("--encoder-every", type=int, default=None,
+                   help="keep a stage-2 checkpoint every K batches and measure the mechanism at each")
+    p.add_argument("--trajectory-images", type=int, default=100, help="val scenes per trajectory point")
+    p.add_argument("--trajectory-only", action="store_true",
+                   help="only measure the stage-2 checkpoints already kept in <out>")
     p.add_argument("--gan-args", default="", help='extra overrides for stage 1, one string: "--a=1 --b=2"')
     p.add_argument("--encoder-args", default="", help="extra overrides for stage 2, one string")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -115,6 +154,13 @@ def main(argv=None) -> int:
     report: dict = {**provenance("python -m dg_lightning.bench.issa " + shlex.join(argv)),
                     "data": str(data), "seeds": args.seeds, "wall_seconds": {}, "runs": [],
                     "steps": {"gan": args.gan_steps, "encoder": args.encoder_steps}}
+    ckpt_dir = out / "runs/issa/encoder/checkpoints"
+    if args.trajectory_only:
+        segmenter = Path(args.segmenter) if args.segmenter else Path(args.erm_runs) / f"seed{args.seeds[0]}" / \
+            "checkpoints" / "last.ckpt"
+        report["trajectory"] = trajectory(ckpt_dir, data, segmenter, out, args.trajectory_images)
+        (out / "issa_trajectory.json").write_text(json.dumps(report, indent=2))
+        return 0
     gan_ckpt = out / "runs/issa/gan/checkpoints/last.ckpt"
     if args.gan_ckpt:
         report["gan_ckpt"] = place_checkpoint(args.gan_ckpt, gan_ckpt)
@@ -128,7 +174,8 @@ def main(argv=None) -> int:
     else:
         report["wall_seconds"]["encoder"] = run(
             [*cli, "issa", "fit", "--config", str(ROOT / "experiments/issa/cityscapes_tiny_encoder.yaml"),
-             f"--trainer.max_steps={2 * args.encoder_steps}", quiet, *shlex.split(args.encoder_args)], out, env)
+             f"--trainer.max_steps={2 * args.encoder_steps}", quiet, *keep_every(args.encoder_every, ckpt_dir),
+             *shlex.split(args.encoder_args)], out, env)
     for seed in args.seeds:
         for method, config in RUNS.items():
             run_dir = out / "runs" / method.split(" ")[0].lower().replace("+", "_") / \
@@ -151,6 +198,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     report["mechanism"] = mechanism(encoder_ckpt, data, segmenter, out, args.eval_images)
     report["wall_seconds"]["mechanism"] = round(time.time() - t0, 1)
+    if args.encoder_every and not args.encoder_ckpt:
+        report["trajectory"] = trajectory(ckpt_dir, data, segmenter, out, args.trajectory_images)
     mech = report["mechanism"]
     md = [f"Mechanism on {mech['images']} Cityscapes val scenes (generator 64 x 128): reconstruction PSNR "
           f"{mech['psnr_db']:.2f} dB, LPIPS {mech['lpips']:.3f} ({mech['lpips_net']}); layout kept "
@@ -159,6 +208,10 @@ def main(argv=None) -> int:
           f"{mech['style_moved']:.3f} (between the reconstructions: {mech['style_moved_recon']:.3f}); grid "
           f"style/content per-pixel std {mech['style_effect']:.3f} / {mech['content_effect']:.3f} "
           f"(ratio {mech['style_content_ratio']:.3f}), {mech['grid']}.\n"]
+    for row in report.get("trajectory", []):
+        shown = [f"{name} {row[k]:.3f}" for k, name in (("psnr_db", "PSNR (dB)"), ("layout_kept", "layout kept"),
+                 ("style_moved", "style moved"), ("style_content_ratio", "grid ratio")) if k in row]
+        md.append(f"Stage 2 after {row['batches']} batches ({row['images']} scenes): {', '.join(shown)}.\n")
     for sel in ("oracle", "training-domain validation", "stylised proxy validation"):
         runs = [r for r in report["runs"] if sel in r["selections"]]
         md.append(f"**Selection: {sel}**\n\n{table(runs, sel)}\n")
