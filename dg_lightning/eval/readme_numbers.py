@@ -295,19 +295,58 @@ def issa_mechanism(results: Path) -> str:
     return md_table(["", *(h for _, h, _ in ISSA_MECHANISM)], rows)
 
 
-@table("bench-issa")
-def bench_issa(results: Path) -> str:
-    """``make bench-issa``: mIoU per target, mean ± standard error over seeds, per method and selection."""
-    d = load(results, "cpu/bench_issa.json")
-    targets = SEG_TARGETS
+def _issa_runs(d: dict) -> str:
+    """A ``make bench-issa`` JSON's runs: mIoU per target, mean ± standard error over seeds, per method and
+    selection."""
     rows = []
     for sel in ("training-domain validation", "stylised proxy validation"):  # 2 epochs: oracle = the last
         for method in dict.fromkeys(r["method"] for r in d["runs"]):
             runs = [r for r in d["runs"] if r["method"] == method and sel in r["selections"]]
             if runs:
-                cells = [seed_mean(runs, lambda r, t=t, s=sel: r["selections"][s]["test"][t]) for t in targets]
+                cells = [seed_mean(runs, lambda r, t=t, s=sel: r["selections"][s]["test"][t]) for t in SEG_TARGETS]
                 rows.append([method, SHORT.get(sel, sel), *cells])
-    return md_table(["Method", "Selection", *targets.values()], rows, "llrrr")
+    return md_table(["Method", "Selection", *SEG_TARGETS.values()], rows, "llrrr")
+
+
+@table("bench-issa")
+def bench_issa(results: Path) -> str:
+    """``make bench-issa`` with the budgeted stages (seed 0)."""
+    return _issa_runs(load(results, "cpu/bench_issa.json"))
+
+
+@table("bench-issa-defaults")
+def bench_issa_defaults(results: Path) -> str:
+    """``make bench-issa`` with its default stages and seeds."""
+    return _issa_runs(load(results, "cpu/bench_issa_defaults.json"))
+
+
+@table("issa-trajectory")
+def issa_trajectory(results: Path) -> str:
+    """The mechanism along the default stage 2 (every kept checkpoint, on the first val scenes), then the
+    final encoder on all 500."""
+    d = load(results, "cpu/bench_issa_defaults.json")
+    cols = [("psnr_db", "PSNR (dB)", "{:.2f}"), ("layout_kept", "layout kept", "{:.3f}"),
+            ("style_moved", "style moved", "signed"), ("style_moved_recon", "style moved (recon)", "signed"),
+            ("style_content_ratio", "grid style/content std", "{:.3f}")]
+    points = [(f"{t['batches']}", t) for t in d["trajectory"]]
+    points.append((f"{d['steps']['encoder']}, all scenes", d["mechanism"]))
+    rows = [[label, m["images"], *(fmt_signed(m[k], 3) if f == "signed" else f.format(m[k]) if k in m else "—"
+                                   for k, _, f in cols)] for label, m in points]
+    return md_table(["stage-2 batches", "scenes", *(h for _, h, _ in cols)], rows)
+
+
+@table("bench-pacs-lite0-paths")
+def bench_pacs_lite0_paths(results: Path) -> str:
+    """Table 2's YAML and seeds on both data paths at one commit (the cache that never enlarges a file),
+    then the earlier batched + cached runs (the copy enlarged to 110 px)."""
+    d = load(results, "cpu/bench_pacs_lite0_paths.json")
+    old = load(results, "cpu/bench_pacs_lite0_batched.json")
+    sel = "training-domain validation"
+    return method_rows({f"per-sample PIL path, `{d['commit']}`": [r for r in d["paths"]["per-sample"] if r["selection"] == sel],
+                        f"batched + cached, `{d['commit']}`": [r for r in d["paths"]["batched"] if r["selection"] == sel],
+                        f"batched + cached (110 px copy), `{old['commit']}`": [r for r in old["runs"]
+                                                                                if r["selection"] == sel]},
+                       "Data path")
 
 
 # -- rendering --------------------------------------------------------------------------------------
