@@ -236,16 +236,6 @@ def bench_speed(results: Path) -> str:
         f"(`results/cpu/bench_speed.json`)."
 
 
-@table("bench-pacs-lite0-batched")
-def bench_pacs_lite0_batched(results: Path) -> str:
-    """Table 2's ERM runs (per-sample PIL path) beside the same YAML and seeds on the batched + cached path."""
-    old = load(results, "cpu/bench_pacs.json")["tables"]["lite0-imagenet-96px"]["runs"]
-    new = load(results, "cpu/bench_pacs_lite0_batched.json")["runs"]
-    sel = "training-domain validation"
-    return method_rows({"per-sample PIL path (table 2)": [r for r in old if r["selection"] == sel],
-                        "batched + cached path": [r for r in new if r["selection"] == sel]}, "Data path")
-
-
 @table("bench-pacs-baselines")
 def bench_pacs_baselines(results: Path) -> str:
     t = load(results, "cpu/bench_pacs_baselines.json")["tables"]
