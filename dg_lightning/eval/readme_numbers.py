@@ -218,22 +218,31 @@ def identifiability(results: Path) -> str:
     return "\n\n".join(tables)
 
 
-@table("bench-speed")
-def bench_speed(results: Path) -> str:
-    """``make bench-speed``: per method and backbone, each pipeline's median images/s, its median ratio
+def _speed(results: Path, name: str) -> str:
+    """A ``make bench-speed`` JSON: per method and backbone, each pipeline's median images/s, its median ratio
     to the same round's compute limit and, for ``batched``, to DomainBed's loop at the same workers."""
-    d = load(results, "cpu/bench_speed.json")
+    d = load(results, name)
     rows = []
     for res in d["results"]:
-        name = f"{res['method'].upper()}, {res['backbone']} {res['image_size']} px"
+        label = f"{res['method'].upper()}, {res['backbone']} {res['image_size']} px"
         for r in res["rows"]:
             vs = r.get("ratio_to_domainbed")
-            rows.append([name, r["pipeline"], "" if r["num_workers"] is None else r["num_workers"],
+            rows.append([label, r["pipeline"], "" if r["num_workers"] is None else r["num_workers"],
                          f"{r['median_img_per_s']:.1f}", f"{r['ratio_to_compute']:.2f}",
                          "—" if vs is None else f"{vs:.2f}"])
     return md_table(["method, backbone", "pipeline", "workers", "img/s (median)", "/ compute", "batched / DomainBed"],
                     rows, "llrrrr") + f"\n\n{d['rounds']} rounds, {d['date']}, {d['data']}; commit `{d['commit']}` " \
-        f"(`results/cpu/bench_speed.json`)."
+        f"(`results/{name}`)."
+
+
+@table("bench-speed")
+def bench_speed(results: Path) -> str:
+    return _speed(results, "cpu/bench_speed.json")
+
+
+@table("bench-speed-workers")
+def bench_speed_workers(results: Path) -> str:
+    return _speed(results, "cpu/bench_speed_workers.json")
 
 
 @table("bench-pacs-baselines")
