@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -86,8 +87,12 @@ def trajectory(ckpt_dir: Path, data: Path, segmenter: Path | None, out: Path, ma
     kept = {}
     for ckpt in ckpt_dir.glob("*.ckpt"):
         if not ckpt.name.startswith("last"):
-            step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
-            kept[step // 2] = ckpt  # two optimiser steps (encoder, discriminator) per batch
+            # Lightning's default name holds the global step ("epoch=0-step=400.ckpt"): no load just for it
+            found = re.search(r"step=(\d+)", ckpt.name)
+            if found is None:
+                raise ValueError(f"{ckpt}: no 'step=N' in the name; keep the stage-2 checkpoints under "
+                                 "Lightning's default file names (keep_every does)")
+            kept[int(found.group(1)) // 2] = ckpt  # two optimiser steps (encoder, discriminator) per batch
     if not kept:
         raise FileNotFoundError(f"no stage-2 checkpoints in {ckpt_dir}: run stage 2 with --encoder-every K")
     rows = []
@@ -109,6 +114,11 @@ def keep_every(batches: int | None, ckpt_dir: Path) -> list[str]:
     return ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", f"--trainer.callbacks.dirpath={ckpt_dir}",
             f"--trainer.callbacks.every_n_train_steps={2 * batches}", "--trainer.callbacks.save_top_k=-1",
             "--trainer.callbacks.save_last=true"]
+
+
+def default_segmenter(erm_dir: Path | str) -> Path:
+    """The layout measure's segmenter when ``--segmenter`` is not given: the first seed's ERM run's last.ckpt."""
+    return Path(erm_dir) / "checkpoints" / "last.ckpt"
 
 
 def place_checkpoint(given: str, where: Path) -> str:
@@ -156,8 +166,8 @@ def main(argv=None) -> int:
                     "steps": {"gan": args.gan_steps, "encoder": args.encoder_steps}}
     ckpt_dir = out / "runs/issa/encoder/checkpoints"
     if args.trajectory_only:
-        segmenter = Path(args.segmenter) if args.segmenter else Path(args.erm_runs) / f"seed{args.seeds[0]}" / \
-            "checkpoints" / "last.ckpt"
+        segmenter = Path(args.segmenter) if args.segmenter else default_segmenter(
+            Path(args.erm_runs) / f"seed{args.seeds[0]}")
         report["trajectory"] = trajectory(ckpt_dir, data, segmenter, out, args.trajectory_images)
         (out / "issa_trajectory.json").write_text(json.dumps(report, indent=2))
         return 0
@@ -193,8 +203,7 @@ def main(argv=None) -> int:
         report["runs"].append({**json.loads((erm_dir / "results.json").read_text()), "method": "ERM"})
         report.setdefault("erm_dirs", {})[seed] = str(erm_dir.resolve())
         (out / "bench_issa.json").write_text(json.dumps(report, indent=2))
-    segmenter = Path(args.segmenter) if args.segmenter else \
-        Path(report["erm_dirs"][args.seeds[0]]) / "checkpoints" / "last.ckpt"
+    segmenter = Path(args.segmenter) if args.segmenter else default_segmenter(report["erm_dirs"][args.seeds[0]])
     t0 = time.time()
     report["mechanism"] = mechanism(encoder_ckpt, data, segmenter, out, args.eval_images)
     report["wall_seconds"]["mechanism"] = round(time.time() - t0, 1)
