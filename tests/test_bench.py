@@ -62,20 +62,45 @@ def test_bench_pacs_says_how_to_fetch_missing_weights(monkeypatch):
     require_weights(str(ROOT / "experiments/pacs/erm.yaml"), ["--model.pretrained=/weights.pth"])  # a local file
 
 
-def test_speed_bench_measures_every_pipeline_in_rounds(tmp_path):
-    from dg_lightning.bench.speed import main as speed_main
+@pytest.mark.parametrize("memory_format", ["channels-last", "contiguous"])
+def test_speed_bench_measures_every_pipeline_in_rounds(tmp_path, monkeypatch, memory_format):
+    """Every row in every round; with channels-last (the default) the suite's rows run in that format
+    and DomainBed's loop is also measured as DomainBed runs it (contiguous), against its own limit."""
+    from dg_lightning.bench import speed
 
+    formats = []  # the memory format each measured model's first convolution had when its step ran
+    real = speed.seconds_per_step
+
+    def spy(model, *args, **kw):
+        conv = next(w for w in model.backbone.parameters() if w.dim() == 4)
+        formats.append(conv.is_contiguous(memory_format=torch.channels_last))
+        return real(model, *args, **kw)
+
+    monkeypatch.setattr(speed, "seconds_per_step", spy)
     out = tmp_path / "speed.json"
-    rc = speed_main(["--root", str(tmp_path / "no-pacs"), "--methods", "erm", "--models", "resnet10t@32",
+    rc = speed.main(["--root", str(tmp_path / "no-pacs"), "--methods", "erm", "--models", "resnet10t@32",
                      "--workers", "0", "--rounds", "2", "--steps", "1", "--warmup", "0", "--batch-size", "2",
-                     "--out", str(out)])
+                     "--memory-format", memory_format, "--out", str(out)])
     result = json.loads(out.read_text())
     assert rc == 0 and result["commit"] and result["machine"]["cores"] and "bench.speed" in result["command"]
+    assert result["memory_format"] == memory_format
     rows = {r["pipeline"]: r for r in result["results"][0]["rows"]}
-    assert set(rows) == {"compute", "per-sample", "batched", "domainbed"}
+    as_is = {"compute-as-is", "domainbed-as-is"} if memory_format == "channels-last" else set()
+    assert set(rows) == {"compute", "per-sample", "batched", "domainbed"} | as_is
     for r in rows.values():
         assert len(r["img_per_s"]) == 2 and all(v > 0 for v in r["img_per_s"]) and r["ratio_to_compute"] > 0
+        assert r["memory_format"] == ("contiguous" if r["pipeline"] in as_is else memory_format)
     assert rows["compute"]["ratio_to_compute"] == 1.0 and rows["batched"]["ratio_to_domainbed"] > 0
+    # compute rows, 2 rounds: the suite's in its format, the as-is one contiguous
+    assert sorted(formats) == sorted([memory_format == "channels-last"] * 2 + [False] * (2 if as_is else 0))
+    if as_is:
+        assert rows["compute-as-is"]["ratio_to_compute"] == 1.0 and rows["batched"]["ratio_to_domainbed_as_is"] > 0
+        a, c = rows["domainbed-as-is"], rows["compute-as-is"]
+        assert a["ratio_to_compute"] == pytest.approx(
+            sorted(v / w for v, w in zip(a["img_per_s"], c["img_per_s"]))[0] / 2 +
+            sorted(v / w for v, w in zip(a["img_per_s"], c["img_per_s"]))[1] / 2, abs=2e-3)
+    else:
+        assert "ratio_to_domainbed_as_is" not in rows["batched"]
     assert result["results"][0]["batched_augmentation_in_training"] is True
 
 

@@ -18,12 +18,21 @@ For each method and backbone@size, in interleaved rounds (so that ratios survive
   step: one infinite loader per source domain (``InfiniteDataLoader``: random sampling with
   replacement, ``num_workers`` each), torchvision's PIL transforms per image (DomainBed's
   ``augment_transform``, ImageNet normalisation included), the batches concatenated, cross-entropy,
-  Adam, ``loss.item()``; the same backbone and head, the same images and batch.
+  Adam, ``loss.item()``; the same backbone and head, the same images and batch, in the suite's
+  memory format and precision (so that ``batched / domainbed`` compares the data paths alone);
+* ``domainbed-as-is`` (ERM, when the suite's settings differ from DomainBed's: channels-last, or bf16
+  on CUDA): the same loop as DomainBed runs it, contiguous (NCHW) tensors in fp32, and
+  ``compute-as-is``, the compute limit in those settings: what a user moving from DomainBed's own loop
+  gains, compute included.
 
-Rows give images/s per round, the median, the median ratio to the same round's compute limit, and
-for ``batched`` the median ratio to ``domainbed`` at the same worker count. Each round runs the
-measurements in the opposite order of the previous one. ``--device cuda``: ResNet-50 at 224 px,
-batch 32 x 3, bf16 autocast (``bf16-mixed``), channels-last, a worker sweep up to the machine's cores.
+Memory format (``--memory-format``, default ``channels-last``): the model of ``compute``,
+``per-sample``, ``batched`` and ``domainbed`` in channels-last (``core.callbacks.ChannelsLast`` in the
+pipelines), which on CPUs too lets oneDNN run convolutions, depthwise ones above all, without layout
+transposes. Rows give images/s per round, the median, the median ratio to the same round's compute
+limit (``domainbed-as-is``: to ``compute-as-is``), and for ``batched`` the median ratio to
+``domainbed`` and to ``domainbed-as-is`` at the same worker count. Each round runs the measurements in
+the opposite order of the previous one. ``--device cuda``: ResNet-50 at 224 px, batch 32 x 3, bf16
+autocast (``bf16-mixed``), a worker sweep up to the machine's cores.
 Without PACS it writes the embedded shapes as 96 px JPEGs into a temporary folder. GCISG's data module
 uses ``augment: none`` (its views replace the preset), so the cache holds the training-size copy its
 batched views read.
@@ -104,6 +113,7 @@ class Setup:
     def __init__(self, args, method: str, backbone: str, size: int, pretrained):
         self.args, self.method, self.backbone, self.size, self.pretrained = args, method, backbone, size, pretrained
         self.cuda = args.device == "cuda"
+        self.channels_last = args.memory_format == "channels-last"
         self.batched_training: bool | None = None
 
     def datamodule(self, workers: int, batched: bool, steps: int):
@@ -129,24 +139,26 @@ class Setup:
         return self.args.batch_size * 3
 
 
-def compute_throughput(s: Setup, steps: int, warmup: int) -> float:
+def compute_throughput(s: Setup, steps: int, warmup: int, as_is: bool = False) -> float:
+    """Images/s of the step on an in-memory batch in the suite's settings (``as_is``: DomainBed's, contiguous fp32)."""
     dm = s.datamodule(0, True, steps)
     dm.prepare_data()
     model = s.model()
     model.bind_data(dm)  # a method's own views (GCISG's two) are part of the batch
     device = torch.device("cuda" if s.cuda else "cpu")
     model.to(device)
-    if s.cuda:
+    if s.channels_last and not as_is:
         model.to(memory_format=torch.channels_last)
     batch = dm.finish_batch(next(iter(dm.train_dataloader())))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    return s.images_per_step / seconds_per_step(model, batch, opt, steps, warmup, "bf16" if s.cuda else "32")
+    precision = "bf16" if s.cuda and not as_is else "32"
+    return s.images_per_step / seconds_per_step(model, batch, opt, steps, warmup, precision)
 
 
 def pipeline_throughput(s: Setup, workers: int, batched: bool, steps: int, warmup: int) -> float:
     dm = s.datamodule(workers, batched, warmup + steps)
     timer = _Timer(warmup, steps)
-    callbacks = [timer, StepSeed()] + ([ChannelsLast()] if s.cuda else [])
+    callbacks = [timer, StepSeed()] + ([ChannelsLast()] if s.channels_last else [])
     with tempfile.TemporaryDirectory() as logs:
         trainer = L.Trainer(
             accelerator="gpu" if s.cuda else "cpu", devices=1, precision="bf16-mixed" if s.cuda else "32-true",
@@ -187,8 +199,9 @@ class _Images(Dataset):
         return self.transform(self.loader(self.paths[i])), self.labels[i]
 
 
-def domainbed_throughput(s: Setup, workers: int, steps: int, warmup: int) -> float:
-    """``domainbed/scripts/train.py``'s step with ``InfiniteDataLoader`` per source domain and ERM's update."""
+def domainbed_throughput(s: Setup, workers: int, steps: int, warmup: int, as_is: bool = False) -> float:
+    """``domainbed/scripts/train.py``'s step with ``InfiniteDataLoader`` per source domain and ERM's update,
+    in the suite's memory format and precision (``as_is``: DomainBed's own, contiguous fp32)."""
     from torchvision import transforms as T
 
     augment = T.Compose([T.RandomResizedCrop(s.size, scale=(0.7, 1.0)), T.RandomHorizontalFlip(),
@@ -204,11 +217,11 @@ def domainbed_throughput(s: Setup, workers: int, steps: int, warmup: int) -> flo
         loaders.append(iter(DataLoader(ds, num_workers=workers, batch_sampler=_InfiniteSampler(batches))))
     device = torch.device("cuda" if s.cuda else "cpu")
     model = s.model().to(device)
-    if s.cuda:
+    if s.channels_last and not as_is:
         model.to(memory_format=torch.channels_last)
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.cuda)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.cuda and not as_is)
     for i in range(warmup + steps):
         if i == warmup:
             t0 = time.perf_counter()
@@ -269,6 +282,9 @@ def parse_args(argv):
     p.add_argument("--gcisg-steps", type=int, default=10, help="timed steps per GCISG measurement")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-domainbed", action="store_true", help="skip the DomainBed loop")
+    p.add_argument("--memory-format", default="channels-last", choices=["channels-last", "contiguous"],
+                   help="the suite's rows and the DomainBed loop in this format; with channels-last, also "
+                        "DomainBed's loop as it runs (contiguous) and the compute limit in that format")
     p.add_argument("--out", default="bench/speed.json")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
@@ -313,29 +329,35 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         s.datamodule(0, True, steps).prepare_data()  # the decoded-image cache, built once (not timed)
         cache_seconds = round(time.perf_counter() - t0, 1)
-        items = [("compute", None)] + [(p, w) for w in args.workers for p in ("per-sample", "batched", "domainbed")
-                                       if not (p == "domainbed" and (s.method != "erm" or args.no_domainbed))]
+        as_is = s.channels_last or s.cuda  # the suite's settings differ from DomainBed's own
+        loops = ("domainbed", "domainbed-as-is") if as_is else ("domainbed",)
+        with_domainbed = s.method == "erm" and not args.no_domainbed
+        items = [("compute", None)] + ([("compute-as-is", None)] if as_is and with_domainbed else []) \
+            + [(p, w) for w in args.workers for p in ("per-sample", "batched", *loops)
+               if with_domainbed or not p.startswith("domainbed")]
         rounds: dict[tuple, list[float]] = {k: [] for k in items}
         for r in range(args.rounds):
             for pipeline, w in (items if r % 2 == 0 else items[::-1]):
-                if pipeline == "compute":
-                    v = compute_throughput(s, steps, args.warmup)
-                elif pipeline == "domainbed":
-                    v = domainbed_throughput(s, w, steps, args.warmup)
+                if pipeline.startswith("compute"):
+                    v = compute_throughput(s, steps, args.warmup, as_is=pipeline.endswith("as-is"))
+                elif pipeline.startswith("domainbed"):
+                    v = domainbed_throughput(s, w, steps, args.warmup, as_is=pipeline.endswith("as-is"))
                 else:
                     v = pipeline_throughput(s, w, pipeline == "batched", steps, args.warmup)
                 rounds[(pipeline, w)].append(v)
                 print(f"[{s.method} {s.backbone}@{s.size} round {r}] {pipeline}"
                       f"{'' if w is None else f' workers={w}'}: {v:.1f} img/s", flush=True)
-        limit = rounds[("compute", None)]
         rows = []
         for (pipeline, w), vals in rounds.items():
+            contiguous = pipeline.endswith("as-is")
+            limit = rounds[("compute-as-is" if contiguous else "compute", None)]
             row = {"pipeline": pipeline, "num_workers": w, "img_per_s": [round(v, 2) for v in vals],
                    "median_img_per_s": round(statistics.median(vals), 2),
+                   "memory_format": "contiguous" if contiguous or not s.channels_last else "channels-last",
                    "ratio_to_compute": round(statistics.median(v / c for v, c in zip(vals, limit)), 3)}
-            if pipeline == "batched" and ("domainbed", w) in rounds:
-                row["ratio_to_domainbed"] = round(statistics.median(
-                    v / d for v, d in zip(vals, rounds[("domainbed", w)])), 3)
+            for loop, key in (("domainbed", "ratio_to_domainbed"), ("domainbed-as-is", "ratio_to_domainbed_as_is")):
+                if pipeline == "batched" and (loop, w) in rounds:
+                    row[key] = round(statistics.median(v / d for v, d in zip(vals, rounds[(loop, w)])), 3)
             rows.append(row)
         res = {"method": s.method, "backbone": s.backbone, "image_size": s.size,
                "pretrained": s.pretrained or False, "batch": f"{args.batch_size} x 3 source domains",
@@ -347,7 +369,7 @@ def main(argv=None) -> int:
 
     out = {"command": "python -m dg_lightning.bench.speed " + " ".join(argv), "commit": commit(),
            "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "device": args.device,
-           "precision": "bf16-mixed, channels-last" if args.device == "cuda" else "32",
+           "precision": "bf16-mixed" if args.device == "cuda" else "32", "memory_format": args.memory_format,
            "data": data, "rounds": args.rounds, "results": results}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -364,11 +386,12 @@ def render(out: dict) -> str:
              f"{out['rounds']} rounds, commit {out['commit']}"]
     for res in out["results"]:
         lines += ["", f"**{res['method'].upper()}, {res['backbone']} @ {res['image_size']} px**, batch {res['batch']}",
-                  "", "| pipeline | workers | img/s (median) | / compute | batched / DomainBed |", "|---|---:|---:|---:|---:|"]
+                  "", "| pipeline | workers | img/s (median) | / compute | batched / DomainBed | batched / DomainBed as is |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for r in res["rows"]:
             w = "" if r["num_workers"] is None else r["num_workers"]
-            vs = r.get("ratio_to_domainbed", "")
-            lines.append(f"| {r['pipeline']} | {w} | {r['median_img_per_s']} | {r['ratio_to_compute']:.2f} | {vs} |")
+            vs, as_is = r.get("ratio_to_domainbed", ""), r.get("ratio_to_domainbed_as_is", "")
+            lines.append(f"| {r['pipeline']} | {w} | {r['median_img_per_s']} | {r['ratio_to_compute']:.2f} | {vs} | {as_is} |")
     return "\n".join(lines)
 
 

@@ -222,17 +222,21 @@ def _speed(results: Path, name: str) -> str:
     """A ``make bench-speed`` JSON: per method and backbone, each pipeline's median images/s, its median ratio
     to the same round's compute limit and, for ``batched``, to DomainBed's loop at the same workers."""
     d = load(results, name)
+    # DomainBed's loop as it runs (contiguous fp32), when the suite's rows ran in other settings
+    as_is = any("ratio_to_domainbed_as_is" in r for res in d["results"] for r in res["rows"])
     rows = []
     for res in d["results"]:
         label = f"{res['method'].upper()}, {res['backbone']} {res['image_size']} px"
         for r in res["rows"]:
-            vs = r.get("ratio_to_domainbed")
+            ratios = [r.get("ratio_to_domainbed")] + ([r.get("ratio_to_domainbed_as_is")] if as_is else [])
             rows.append([label, r["pipeline"], "" if r["num_workers"] is None else r["num_workers"],
                          f"{r['median_img_per_s']:.1f}", f"{r['ratio_to_compute']:.2f}",
-                         "—" if vs is None else f"{vs:.2f}"])
-    return md_table(["method, backbone", "pipeline", "workers", "img/s (median)", "/ compute", "batched / DomainBed"],
-                    rows, "llrrrr") + f"\n\n{d['rounds']} rounds, {d['date']}, {d['data']}; commit `{d['commit']}` " \
-        f"(`results/{name}`)."
+                         *("—" if v is None else f"{v:.2f}" for v in ratios)])
+    head = ["method, backbone", "pipeline", "workers", "img/s (median)", "/ compute", "batched / DomainBed"]
+    head += ["batched / DomainBed as is"] if as_is else []
+    fmt = d.get("memory_format", "contiguous") + (", " + d["precision"] if d.get("precision") not in (None, "32") else "")
+    return md_table(head, rows, "llrrrr" + "r" * as_is) + f"\n\n{d['rounds']} rounds, {d['date']}, {d['data']}; " \
+        f"suite rows {fmt}; commit `{d['commit']}` (`results/{name}`)."
 
 
 @table("bench-speed")
