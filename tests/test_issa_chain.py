@@ -62,6 +62,12 @@ def test_stage2_checkpoint_rebuilds_generator_and_the_encoder_ema(encoder_ckpt):
     assert not torch.allclose(w, invert(trained.G, trained.E.eval(), x)[0])  # the EMA, not the last weights
     assert [n.shape[1] for n in noise] == [1, 32, 32, 1, 1, 1, 1]  # multi-channel only where predicted
     assert not any(p.requires_grad for p in [*G.parameters(), *E.parameters()])
+    assert E.noise_out == trained.E.noise_out == "leaky_relu"
+    # a checkpoint of the earlier compact encoder (no noise_out saved) loads with the signed maps it learnt
+    old = torch.load(path, map_location="cpu", weights_only=False)
+    del old["issa"]["encoder"]["noise_out"]
+    torch.save(old, path.parent / "earlier.ckpt")
+    assert load_inverter(str(path.parent / "earlier.ckpt"))[1].noise_out == "linear"
 
 
 def test_mixing_an_image_with_its_own_style_is_its_inversion(encoder_ckpt):

@@ -86,6 +86,25 @@ def test_compact_encoder_predicts_the_layer_widths_and_the_rest_is_the_generator
         MaskedNoiseEncoder(g, noise_height=2)
 
 
+def test_compact_noise_heads_end_as_the_official_heads_with_leaky_relu():
+    """The official ``ToLayerNoise``/``ToSingleDimLayerNoise`` end with ``nn.LeakyReLU()`` (slope 0.01):
+    the compact encoder's maps are its convolution's output through that, ``noise_out="linear"`` keeps
+    them signed (the earlier encoder); the choice is saved in ``config()``."""
+    torch.manual_seed(0)
+    g = Generator((16, 32), **TINY).eval()
+    official = MaskedNoiseEncoder(g, noise_height=8, channels=16)
+    linear = MaskedNoiseEncoder(g, noise_height=8, channels=16, noise_out="linear")
+    linear.load_state_dict(official.state_dict())
+    x = torch.rand(2, 3, 16, 32) * 2 - 1
+    raw, maps = linear(x)["noise_maps"], official(x)["noise_maps"]
+    for r, m in zip(raw, maps, strict=True):
+        assert (r < 0).any() and (r > 0).any()  # the convolution's output has both signs
+        assert torch.equal(m[r > 0], r[r > 0]) and torch.allclose(m[r < 0], 0.01 * r[r < 0])
+    assert official.config()["noise_out"] == "leaky_relu" and linear.config()["noise_out"] == "linear"
+    with pytest.raises(ValueError, match="noise_out"):
+        MaskedNoiseEncoder(g, noise_height=8, channels=16, noise_out="relu")
+
+
 def test_official_fpn_encoder_shapes():
     torch.manual_seed(0)
     g = Generator((64, 128), **TINY).eval()

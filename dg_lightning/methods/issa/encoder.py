@@ -31,7 +31,10 @@ Two encoders:
   one: bilinear, no smoothing of p5).
 * ``backbone="compact"`` (the tiny CPU configuration): a plain convolution stack (one 3 x 3
   convolution and 2 x average pooling per level), w+ as an offset from ``w_avg`` through one
-  linear layer from the base level, one linear 3 x 3 convolution per predicted noise layer. A
+  linear layer from the base level, one 3 x 3 convolution per predicted noise layer, followed by
+  the official heads' last activation, leaky ReLU (0.01), so that the noise maps are, as the
+  official ones, almost non-negative (``noise_out="leaky_relu"``; ``"linear"``: signed maps, the
+  earlier compact encoder, what its checkpoints load as). A
   ResNet-50 FPN at 64 x 128 on a 2-core CPU would take most of the budget; this is the named
   difference of the tiny configuration.
 
@@ -149,10 +152,12 @@ class MaskedNoiseEncoder(nn.Module):
         channels: width of the compact encoder.
         backbone: ``"compact"`` or ``"fpn_resnet50"`` (official).
         fpn_dim: feature-pyramid channels of ``fpn_resnet50`` (official 1024).
+        noise_out: the compact encoder's noise-head output: ``"leaky_relu"`` (0.01, as the official
+            heads end) or ``"linear"`` (the earlier compact encoder). The FPN heads are the official ones.
     """
 
     def __init__(self, generator: Generator, noise_height: int | None = None, channels: int = 64,
-                 backbone: str = "compact", fpn_dim: int = 1024):
+                 backbone: str = "compact", fpn_dim: int = 1024, noise_out: str = "leaky_relu"):
         super().__init__()
         h, w = generator.size
         self.noise_height = noise_height or max(generator.base[0], h // 4)
@@ -162,7 +167,9 @@ class MaskedNoiseEncoder(nn.Module):
                              f"base, {sorted({s[0] for s in generator.noise_shapes()[1:]})}")
         if backbone not in ("compact", "fpn_resnet50"):
             raise ValueError(f"backbone must be 'compact' or 'fpn_resnet50', got {backbone!r}")
-        self.backbone = backbone
+        if noise_out not in ("leaky_relu", "linear"):
+            raise ValueError(f"noise_out must be 'leaky_relu' or 'linear', got {noise_out!r}")
+        self.backbone, self.noise_out = backbone, noise_out
         self._sizes = {"channels": channels, "fpn_dim": fpn_dim}
         self.noise_shapes = generator.noise_shapes()
         #: channels of each predicted noise map: the generator's feature width at that layer
@@ -197,7 +204,10 @@ class MaskedNoiseEncoder(nn.Module):
             if f.shape[-2] == self.noise_height:
                 at_noise = f
         w_plus = self.w_avg + self.w_head(f.flatten(1)).view(-1, self.num_ws, self.w_dim)
-        return w_plus, self.input_noise_head(f), [head(at_noise) for head in self.noise_heads]
+        maps = [head(at_noise) for head in self.noise_heads]
+        if self.noise_out == "leaky_relu":
+            maps = [F.leaky_relu(m, 0.01) for m in maps]
+        return w_plus, self.input_noise_head(f), maps
 
     # -- official FPN-ResNet-50 ------------------------------------------------------------------
     def _build_fpn(self, generator: Generator, fpn_dim: int) -> None:
@@ -250,4 +260,5 @@ class MaskedNoiseEncoder(nn.Module):
 
     def config(self) -> dict:
         """The constructor's arguments besides the generator (saved in stage-2 checkpoints)."""
-        return {"noise_height": self.noise_height, "backbone": self.backbone, **self._sizes}
+        return {"noise_height": self.noise_height, "backbone": self.backbone, "noise_out": self.noise_out,
+                **self._sizes}

@@ -111,6 +111,7 @@ class NoiseEncoderTraining(L.LightningModule):
 
     def __init__(self, generator_ckpt: str, noise_height: int | None = None, channels: int = 64,
                  backbone: Literal["compact", "fpn_resnet50"] = "fpn_resnet50", fpn_dim: int = 1024,
+                 noise_out: Literal["leaky_relu", "linear"] = "leaky_relu",
                  optimizer: Literal["ranger", "adam"] = "ranger", lr: float = 1e-4,
                  betas: tuple[float, float] = (0.0, 0.99), lr_min: float = 1e-5,
                  lr_decay_start: int | None = 100_000, lr_decay_end: int | None = 250_000,
@@ -128,7 +129,7 @@ class NoiseEncoderTraining(L.LightningModule):
         self.automatic_optimization = False
         gan = StyleGAN2.load_from_checkpoint(generator_ckpt, map_location="cpu")
         self.G = copy.deepcopy(gan.G_ema).requires_grad_(False).eval()
-        self.E = MaskedNoiseEncoder(self.G, noise_height, channels, backbone, fpn_dim)
+        self.E = MaskedNoiseEncoder(self.G, noise_height, channels, backbone, fpn_dim, noise_out)
         self.E_ema = copy.deepcopy(self.E).requires_grad_(False).eval()
         self.D = MultiScalePatchGAN(ndf=d_ndf)
         self.lpips = make_lpips(lpips_trunk, lpips_net)
@@ -281,7 +282,7 @@ def load_inverter(path: str, map_location="cpu") -> tuple[Generator, MaskedNoise
         raise ValueError(f"{path} was written by the earlier single-channel ISSA encoder; retrain stage 2 "
                          "(its noise maps do not fit this generator's multi-channel noise inputs)")
     G = Generator(**{**g_args, "size": tuple(g_args["size"])})
-    E = MaskedNoiseEncoder(G, **e_args)
+    E = MaskedNoiseEncoder(G, **{"noise_out": "linear", **e_args})  # written before noise_out: signed maps
     state = ckpt["state_dict"]
     G.load_state_dict({k[2:]: v for k, v in state.items() if k.startswith("G.")})
     E.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("E_ema.")})
