@@ -323,19 +323,38 @@ def bench_issa_defaults(results: Path) -> str:
     return _issa_runs(load(results, "cpu/bench_issa_defaults.json"))
 
 
+#: the mechanism's columns: (key, header, format; "signed": with a minus sign)
+ISSA_COLUMNS = [("psnr_db", "PSNR (dB)", "{:.2f}"), ("layout_kept", "layout kept", "{:.3f}"),
+                ("style_moved", "style moved", "signed"), ("style_moved_recon", "style moved (recon)", "signed"),
+                ("style_content_ratio", "grid style/content std", "{:.3f}")]
+
+
+def _mechanism_cells(m: dict) -> list[str]:
+    return [fmt_signed(m[k], 3) if f == "signed" else f.format(m[k]) if k in m else "—" for k, _, f in ISSA_COLUMNS]
+
+
 @table("issa-trajectory")
 def issa_trajectory(results: Path) -> str:
     """The mechanism along the default stage 2 (every kept checkpoint, on the first val scenes), then the
     final encoder on all 500."""
     d = load(results, "cpu/bench_issa_defaults.json")
-    cols = [("psnr_db", "PSNR (dB)", "{:.2f}"), ("layout_kept", "layout kept", "{:.3f}"),
-            ("style_moved", "style moved", "signed"), ("style_moved_recon", "style moved (recon)", "signed"),
-            ("style_content_ratio", "grid style/content std", "{:.3f}")]
     points = [(f"{t['batches']}", t) for t in d["trajectory"]]
     points.append((f"{d['steps']['encoder']}, all scenes", d["mechanism"]))
-    rows = [[label, m["images"], *(fmt_signed(m[k], 3) if f == "signed" else f.format(m[k]) if k in m else "—"
-                                   for k, _, f in cols)] for label, m in points]
-    return md_table(["stage-2 batches", "scenes", *(h for _, h, _ in cols)], rows)
+    rows = [[label, m["images"], *_mechanism_cells(m)] for label, m in points]
+    return md_table(["stage-2 batches", "scenes", *(h for _, h, _ in ISSA_COLUMNS)], rows)
+
+
+@table("issa-probes")
+def issa_probes(results: Path) -> str:
+    """Stage-2 variants from the same stage 1 and seed, each scored at 200 and 400 batches on the first
+    100 val scenes: the defaults (the first two points of the default trajectory), lambda_w held, and
+    the single changes of ``cpu/issa_stage2_probes.json``."""
+    variants = [("defaults", [t for t in load(results, "cpu/bench_issa_defaults.json")["trajectory"]
+                              if t["batches"] <= 400]),
+                ("λ_w held at 0.1", load(results, "cpu/issa_trajectory_latent_held.json")["trajectory"])]
+    variants += [(v["label"], v["trajectory"]) for v in load(results, "cpu/issa_stage2_probes.json")["probes"]]
+    rows = [[label, t["batches"], *_mechanism_cells(t)] for label, points in variants for t in points]
+    return md_table(["stage 2 (change from the tiny YAML)", "batches", *(h for _, h, _ in ISSA_COLUMNS)], rows)
 
 
 @table("bench-pacs-lite0-paths")
