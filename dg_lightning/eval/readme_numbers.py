@@ -249,6 +249,11 @@ def bench_speed_workers(results: Path) -> str:
     return _speed(results, "cpu/bench_speed_workers.json")
 
 
+@table("bench-speed-channels-last")
+def bench_speed_channels_last(results: Path) -> str:
+    return _speed(results, "cpu/bench_speed_channels_last.json")
+
+
 @table("bench-pacs-baselines")
 def bench_pacs_baselines(results: Path) -> str:
     t = load(results, "cpu/bench_pacs_baselines.json")["tables"]
