@@ -359,7 +359,7 @@ def issa_probes(results: Path) -> str:
                 ("λ_w held at 0.1", load(results, "cpu/issa_trajectory_latent_held.json")["trajectory"])]
     variants += [(v["label"], v["trajectory"]) for v in load(results, "cpu/issa_stage2_probes.json")["probes"]]
     rows = [[label, t["batches"], *_mechanism_cells(t)] for label, points in variants for t in points]
-    return md_table(["stage 2 (change from the tiny YAML)", "batches", *(h for _, h, _ in ISSA_COLUMNS)], rows)
+    return md_table(["stage 2 (change from the tiny YAML at `f0ae047`)", "batches", *(h for _, h, _ in ISSA_COLUMNS)], rows)
 
 
 @table("bench-pacs-lite0-paths")
