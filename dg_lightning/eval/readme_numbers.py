@@ -351,7 +351,7 @@ def issa_trajectory(results: Path) -> str:
 
 @table("issa-probes")
 def issa_probes(results: Path) -> str:
-    """Stage-2 variants from the same stage 1 and seed, each scored at 200 and 400 batches on the first
+    """Stage-2 variants from the same stage 1 and seed, each scored at 200 and 400 batches (and any later kept point) on the first
     100 val scenes: the defaults (the first two points of the default trajectory), lambda_w held, and
     the single changes of ``cpu/issa_stage2_probes.json``."""
     variants = [("defaults", [t for t in load(results, "cpu/bench_issa_defaults.json")["trajectory"]
