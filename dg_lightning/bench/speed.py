@@ -134,6 +134,18 @@ class Setup:
             return GCISG(queue_size=4096, views_on="batch" if batched else "loader", **kw)
         return ERM(**kw)
 
+    def bf16(self, as_is: bool = False) -> bool:
+        """bf16 autocast: on CUDA in the suite's settings; never as DomainBed runs (``as_is``)."""
+        return self.cuda and not as_is
+
+    def place(self, model, as_is: bool = False):
+        """``model`` on the bench's device, channels-last in the suite's settings (``as_is``: contiguous, as
+        DomainBed runs)."""
+        model.to(torch.device("cuda" if self.cuda else "cpu"))
+        if self.channels_last and not as_is:
+            model.to(memory_format=torch.channels_last)
+        return model
+
     @property
     def images_per_step(self) -> int:
         return self.args.batch_size * 3
@@ -145,14 +157,10 @@ def compute_throughput(s: Setup, steps: int, warmup: int, as_is: bool = False) -
     dm.prepare_data()
     model = s.model()
     model.bind_data(dm)  # a method's own views (GCISG's two) are part of the batch
-    device = torch.device("cuda" if s.cuda else "cpu")
-    model.to(device)
-    if s.channels_last and not as_is:
-        model.to(memory_format=torch.channels_last)
+    s.place(model, as_is)
     batch = dm.finish_batch(next(iter(dm.train_dataloader())))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    precision = "bf16" if s.cuda and not as_is else "32"
-    return s.images_per_step / seconds_per_step(model, batch, opt, steps, warmup, precision)
+    return s.images_per_step / seconds_per_step(model, batch, opt, steps, warmup, "bf16" if s.bf16(as_is) else "32")
 
 
 def pipeline_throughput(s: Setup, workers: int, batched: bool, steps: int, warmup: int) -> float:
@@ -216,12 +224,10 @@ def domainbed_throughput(s: Setup, workers: int, steps: int, warmup: int, as_is:
         batches = BatchSampler(RandomSampler(ds, replacement=True), batch_size=s.args.batch_size, drop_last=True)
         loaders.append(iter(DataLoader(ds, num_workers=workers, batch_sampler=_InfiniteSampler(batches))))
     device = torch.device("cuda" if s.cuda else "cpu")
-    model = s.model().to(device)
-    if s.channels_last and not as_is:
-        model.to(memory_format=torch.channels_last)
+    model = s.place(s.model(), as_is)
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.cuda and not as_is)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16(as_is))
     for i in range(warmup + steps):
         if i == warmup:
             t0 = time.perf_counter()
