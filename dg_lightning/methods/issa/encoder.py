@@ -32,7 +32,8 @@ Two encoders:
 * ``backbone="compact"`` (the tiny CPU configuration): a plain convolution stack (one 3 x 3
   convolution and 2 x average pooling per level), w+ as an offset from ``w_avg`` through one
   linear layer from the base level, one 3 x 3 convolution per predicted noise layer, followed by
-  the official heads' last activation, leaky ReLU (0.01), so that the noise maps are, as the
+  the last activation of the official heads (``ToLayerNoise``, ``ToSingleDimLayerNoise``:
+  ``nn.LeakyReLU()``, slope 0.01), so that the noise maps are, as the
   official ones, almost non-negative (``noise_out="leaky_relu"``; ``"linear"``: signed maps, the
   earlier compact encoder, what its checkpoints load as). A
   ResNet-50 FPN at 64 x 128 on a 2-core CPU would take most of the budget; this is the named
