@@ -325,7 +325,7 @@ def bench_issa(results: Path) -> str:
 @table("bench-issa-defaults")
 def bench_issa_defaults(results: Path) -> str:
     """``make bench-issa`` with its default stages and seeds."""
-    return _issa_runs(load(results, "cpu/bench_issa_defaults.json"))
+    return _issa_runs(load(results, "cpu/bench_issa_defaults_f0ae047.json"))
 
 
 #: the mechanism's columns: (key, header, format; "signed": with a minus sign)
@@ -342,7 +342,7 @@ def _mechanism_cells(m: dict) -> list[str]:
 def issa_trajectory(results: Path) -> str:
     """The mechanism along the default stage 2 (every kept checkpoint, on the first val scenes), then the
     final encoder on all 500."""
-    d = load(results, "cpu/bench_issa_defaults.json")
+    d = load(results, "cpu/bench_issa_defaults_f0ae047.json")
     points = [(f"{t['batches']}", t) for t in d["trajectory"]]
     points.append((f"{d['steps']['encoder']}, all scenes", d["mechanism"]))
     rows = [[label, m["images"], *_mechanism_cells(m)] for label, m in points]
@@ -354,7 +354,7 @@ def issa_probes(results: Path) -> str:
     """Stage-2 variants from the same stage 1 and seed, each scored at 200 and 400 batches (and any later kept point) on the first
     100 val scenes: the defaults (the first two points of the default trajectory), lambda_w held, and
     the single changes of ``cpu/issa_stage2_probes.json``."""
-    variants = [("defaults", [t for t in load(results, "cpu/bench_issa_defaults.json")["trajectory"]
+    variants = [("defaults", [t for t in load(results, "cpu/bench_issa_defaults_f0ae047.json")["trajectory"]
                               if t["batches"] <= 400]),
                 ("λ_w held at 0.1", load(results, "cpu/issa_trajectory_latent_held.json")["trajectory"])]
     variants += [(v["label"], v["trajectory"]) for v in load(results, "cpu/issa_stage2_probes.json")["probes"]]
