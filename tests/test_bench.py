@@ -81,13 +81,13 @@ def test_speed_bench_measures_every_pipeline_in_rounds(tmp_path, monkeypatch, me
     out = tmp_path / "speed.json"
     rc = speed.main(["--root", str(tmp_path / "no-pacs"), "--methods", "erm", "--models", "resnet10t@32",
                      "--workers", "0", "--rounds", "2", "--steps", "1", "--warmup", "0", "--batch-size", "2",
-                     "--memory-format", memory_format, "--out", str(out)])
+                     "--memory-format", memory_format, "--breakdown", "--out", str(out)])
     result = json.loads(out.read_text())
     assert rc == 0 and result["commit"] and result["machine"]["cores"] and "bench.speed" in result["command"]
     assert result["memory_format"] == memory_format
     rows = {r["pipeline"]: r for r in result["results"][0]["rows"]}
     as_is = {"compute-as-is", "domainbed-as-is"} if memory_format == "channels-last" else set()
-    assert set(rows) == {"compute", "per-sample", "batched", "domainbed"} | as_is
+    assert set(rows) == {"compute", "per-sample", "batched", "domainbed", "loop", "data-path"} | as_is
     for r in rows.values():
         assert len(r["img_per_s"]) == 2 and all(v > 0 for v in r["img_per_s"]) and r["ratio_to_compute"] > 0
         assert r["memory_format"] == ("contiguous" if r["pipeline"] in as_is else memory_format)
@@ -102,6 +102,27 @@ def test_speed_bench_measures_every_pipeline_in_rounds(tmp_path, monkeypatch, me
     else:
         assert "ratio_to_domainbed_as_is" not in rows["batched"]
     assert result["results"][0]["batched_augmentation_in_training"] is True
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_speed_bench_loop_row_trains_on_one_batch_augmented_once(tmp_path, monkeypatch, in_memory):
+    """``loop`` (``in_memory``): Lightning's loop gets the batch already augmented, every step; the
+    pipeline row augments a fresh loader batch every step."""
+    from types import SimpleNamespace
+
+    from dg_lightning.bench import speed
+    from dg_lightning.core.data import MultiDomainDataModule
+    from dg_lightning.data.synthetic import write_image_folder
+
+    write_image_folder(tmp_path / "img", per_class=4, size=32, fmt="jpg")
+    augmented = []
+    real = MultiDomainDataModule.finish_batch
+    monkeypatch.setattr(MultiDomainDataModule, "finish_batch",
+                        lambda self, batch: augmented.append(isinstance(batch[0], dict)) or real(self, batch))
+    args = SimpleNamespace(device="cpu", memory_format="contiguous", batch_size=2, pacs=False, root=str(tmp_path / "img"))
+    s = speed.Setup(args, "erm", "resnet10t", 32, False)
+    assert speed.pipeline_throughput(s, 0, True, steps=2, warmup=1, in_memory=in_memory) > 0
+    assert sum(augmented) == (1 if in_memory else 4) and len(augmented) >= 4  # 1 + 2 steps + the stopping one
 
 
 def test_speed_bench_runs_gcisg_with_views_in_the_loader_and_on_the_batch(tmp_path):

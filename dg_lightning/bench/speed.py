@@ -1,7 +1,8 @@
 """`make bench-speed`: training throughput of the data paths against the compute limit and DomainBed's loop.
 
     python -m dg_lightning.bench.speed [--device cpu|cuda] [--methods erm gcisg] [--models resnet18@64 ...]
-                                       [--workers 0 1 2] [--rounds 3] [--steps 20] [--out bench/speed.json]
+                                       [--workers 0 1 2] [--rounds 3] [--steps 20] [--breakdown]
+                                       [--out bench/speed.json]
 
 For each method and backbone@size, in interleaved rounds (so that ratios survive a noisy machine):
 
@@ -20,6 +21,10 @@ For each method and backbone@size, in interleaved rounds (so that ratios survive
   ``augment_transform``, ImageNet normalisation included), the batches concatenated, cross-entropy,
   Adam, ``loss.item()``; the same backbone and head, the same images and batch, in the suite's
   memory format and precision (so that ``batched / domainbed`` compares the data paths alone);
+* with ``--breakdown``, where the batched row's time goes: ``loop``, Lightning's loop (the same Trainer
+  and callbacks) on the in-memory batch of ``compute`` (the loop's own cost), and ``data-path``, the
+  batched path alone: the train loader read and ``finish_batch`` (the batch's augmentation), no model;
+  run one after the other they would give ``1 / (1 / loop + 1 / data-path)`` images/s;
 * ``domainbed-as-is`` (ERM, when the suite's settings differ from DomainBed's: channels-last, or bf16
   on CUDA): the same loop as DomainBed runs it, contiguous (NCHW) tensors in fp32, and
   ``compute-as-is``, the compute limit in those settings: what a user moving from DomainBed's own loop
@@ -163,8 +168,44 @@ def compute_throughput(s: Setup, steps: int, warmup: int, as_is: bool = False) -
     return s.images_per_step / seconds_per_step(model, batch, opt, steps, warmup, "bf16" if s.bf16(as_is) else "32")
 
 
-def pipeline_throughput(s: Setup, workers: int, batched: bool, steps: int, warmup: int) -> float:
+class _Repeat:
+    """One batch ``n`` times (an iterable, not a list: Lightning reads a list as several loaders)."""
+
+    def __init__(self, batch, n: int):
+        self.batch, self.n = batch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return (self.batch for _ in range(self.n))
+
+
+def data_path_throughput(s: Setup, workers: int, steps: int, warmup: int) -> float:
+    """Images/s of the batched path alone: the train loader's batches, augmented by ``finish_batch``."""
+    dm = s.datamodule(workers, True, warmup + steps)
+    dm.setup()
+    model = s.model()
+    model.bind_data(dm)  # a method's own views (GCISG's two) are part of the batch
+    batches = iter(dm.train_dataloader())
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        dm.finish_batch(next(batches))
+    seconds = time.perf_counter() - t0
+    del batches  # ends the workers
+    return s.images_per_step * steps / seconds
+
+
+def pipeline_throughput(s: Setup, workers: int, batched: bool, steps: int, warmup: int,
+                        in_memory: bool = False) -> float:
+    """Images/s of ``Trainer.fit`` on the per-sample or batched path (``in_memory``: on one batch of the
+    batched path, already augmented, given again every step: Lightning's loop on the compute limit's work)."""
     dm = s.datamodule(workers, batched, warmup + steps)
+    if in_memory:
+        dm.setup()
+        batch = dm.finish_batch(next(iter(dm.train_dataloader())))
+        dm.train_dataloader = lambda: _Repeat(batch, warmup + steps + 1)
     timer = _Timer(warmup, steps)
     callbacks = [timer, StepSeed()] + ([ChannelsLast()] if s.channels_last else [])
     with tempfile.TemporaryDirectory() as logs:
@@ -175,7 +216,7 @@ def pipeline_throughput(s: Setup, workers: int, batched: bool, steps: int, warmu
             enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
             callbacks=callbacks, default_root_dir=logs)
         trainer.fit(s.model(batched), datamodule=dm)
-    if batched:  # False if the method replaced the preset by per-sample views (then the batched row is not)
+    if batched and not in_memory:  # False if the method replaced the preset by per-sample views
         s.batched_training = dm.batched_training
     return s.images_per_step * steps / timer.seconds
 
@@ -288,6 +329,8 @@ def parse_args(argv):
     p.add_argument("--gcisg-steps", type=int, default=10, help="timed steps per GCISG measurement")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-domainbed", action="store_true", help="skip the DomainBed loop")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also the loop on the in-memory batch (loop) and the batched path alone (data-path)")
     p.add_argument("--memory-format", default="channels-last", choices=["channels-last", "contiguous"],
                    help="the suite's rows and the DomainBed loop in this format; with channels-last, also "
                         "DomainBed's loop as it runs (contiguous) and the compute limit in that format")
@@ -339,13 +382,19 @@ def main(argv=None) -> int:
         loops = ("domainbed", "domainbed-as-is") if as_is else ("domainbed",)
         with_domainbed = s.method == "erm" and not args.no_domainbed
         items = [("compute", None)] + ([("compute-as-is", None)] if as_is and with_domainbed else []) \
-            + [(p, w) for w in args.workers for p in ("per-sample", "batched", *loops)
+            + ([("loop", None)] if args.breakdown else []) \
+            + [(p, w) for w in args.workers
+               for p in ("per-sample", "batched", *loops, *(("data-path",) if args.breakdown else ()))
                if with_domainbed or not p.startswith("domainbed")]
         rounds: dict[tuple, list[float]] = {k: [] for k in items}
         for r in range(args.rounds):
             for pipeline, w in (items if r % 2 == 0 else items[::-1]):
                 if pipeline.startswith("compute"):
                     v = compute_throughput(s, steps, args.warmup, as_is=pipeline.endswith("as-is"))
+                elif pipeline == "loop":
+                    v = pipeline_throughput(s, 0, True, steps, args.warmup, in_memory=True)
+                elif pipeline == "data-path":
+                    v = data_path_throughput(s, w, steps, args.warmup)
                 elif pipeline.startswith("domainbed"):
                     v = domainbed_throughput(s, w, steps, args.warmup, as_is=pipeline.endswith("as-is"))
                 else:
