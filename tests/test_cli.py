@@ -59,9 +59,11 @@ BATCHED = ("--data.augment=domainbed", "--data.batch_augment=true", "--data.cach
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pipeline", [(), BATCHED], ids=["per-sample", "batched"])
+@pytest.mark.parametrize("pipeline", [(), BATCHED, (*BATCHED, "--trainer.callbacks+=dg_lightning.core.callbacks.ChannelsLast")],
+                         ids=["per-sample", "batched", "batched-channels-last"])
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, pipeline):
-    # dropout: model-side randomness too; batched: augmentation on the batch, from the decoded images
+    # dropout: model-side randomness too; batched: augmentation on the batch, from the decoded images;
+    # channels-last: the CPU lite0 YAMLs' memory format (weights and Adam state saved and restored NHWC)
     epochs = "--trainer.max_epochs=3", "--model.dropout=0.3", *pipeline
     run_fit(tmp_path / "full", *epochs)
     killed = run_fit(tmp_path / "crash", *epochs, "--trainer.callbacks+=tests.helpers.KillAtStep",
@@ -71,6 +73,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, pipeline):
     run_fit(tmp_path / "crash", *epochs, "--ckpt_path=last")
     full, resumed = _weights(tmp_path / "full/checkpoints/last.ckpt"), _weights(tmp_path / "crash/checkpoints/last.ckpt")
     assert full.keys() == resumed.keys()
+    nhwc = [w.dim() == 4 and w.shape[1] > 1 and w.shape[2] > 1 and not w.is_contiguous() for w in resumed.values()]
+    assert any(nhwc) == any("ChannelsLast" in a for a in pipeline)  # the resumed run trained channels-last too
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
     rf, rr = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("full", "crash"))
