@@ -131,9 +131,9 @@ def test_speed_bench_runs_gcisg_with_views_in_the_loader_and_on_the_batch(tmp_pa
     out = tmp_path / "speed.json"
     rc = speed_main(["--root", str(tmp_path / "no-pacs"), "--methods", "gcisg", "--models", "resnet10t@32",
                      "--workers", "0", "--rounds", "1", "--gcisg-steps", "1", "--warmup", "0", "--batch-size", "2",
-                     "--out", str(out)])
+                     "--breakdown", "--out", str(out)])
     result = json.loads(out.read_text())["results"][0]
-    assert rc == 0 and {r["pipeline"] for r in result["rows"]} == {"compute", "per-sample", "batched"}
+    assert rc == 0 and {r["pipeline"] for r in result["rows"]} == {"compute", "loop", "per-sample", "batched", "data-path"}
     assert all(r["median_img_per_s"] > 0 for r in result["rows"])
     assert result["batched_augmentation_in_training"] is True  # the batched row made its views on the batch
     assert result["views_on"] == {"compute": "batch", "per-sample": "loader", "batched": "batch"}

@@ -202,8 +202,9 @@ def pipeline_throughput(s: Setup, workers: int, batched: bool, steps: int, warmu
     """Images/s of ``Trainer.fit`` on the per-sample or batched path (``in_memory``: on one batch of the
     batched path, already augmented, given again every step: Lightning's loop on the compute limit's work)."""
     dm = s.datamodule(workers, batched, warmup + steps)
+    model = s.model(batched)
     if in_memory:
-        dm.setup()
+        model.bind_data(dm)  # a method's own views (GCISG's two) are part of the batch, as in Trainer.fit
         batch = dm.finish_batch(next(iter(dm.train_dataloader())))
         dm.train_dataloader = lambda: _Repeat(batch, warmup + steps + 1)
     timer = _Timer(warmup, steps)
@@ -215,7 +216,7 @@ def pipeline_throughput(s: Setup, workers: int, batched: bool, steps: int, warmu
             logger=L.pytorch.loggers.CSVLogger(logs), log_every_n_steps=5, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
             callbacks=callbacks, default_root_dir=logs)
-        trainer.fit(s.model(batched), datamodule=dm)
+        trainer.fit(model, datamodule=dm)
     if batched and not in_memory:  # False if the method replaced the preset by per-sample views
         s.batched_training = dm.batched_training
     return s.images_per_step * steps / timer.seconds
@@ -287,6 +288,26 @@ def domainbed_throughput(s: Setup, workers: int, steps: int, warmup: int, as_is:
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
+def summarise(rounds: dict[tuple, list[float]], channels_last: bool) -> list[dict]:
+    """Rows from each (pipeline, workers)'s images/s per round: the median, the median of the per-round
+    ratios to that round's compute limit (``-as-is`` rows: to ``compute-as-is``) and, for ``batched``,
+    to DomainBed's loop at the same workers."""
+    rows = []
+    for (pipeline, w), vals in rounds.items():
+        contiguous = pipeline.endswith("as-is")
+        limit = rounds[("compute-as-is" if contiguous else "compute", None)]
+        row = {"pipeline": pipeline, "num_workers": w, "img_per_s": [round(v, 2) for v in vals],
+               "median_img_per_s": round(statistics.median(vals), 2),
+               "memory_format": "contiguous" if contiguous or not channels_last else "channels-last",
+               "ratio_to_compute": round(statistics.median(v / c for v, c in zip(vals, limit)), 3)}
+        for loop, key in (("domainbed", "ratio_to_domainbed"), ("domainbed-as-is", "ratio_to_domainbed_as_is")):
+            if pipeline == "batched" and (loop, w) in rounds:
+                row[key] = round(statistics.median(v / d for v, d in zip(vals, rounds[(loop, w)])), 3)
+        rows.append(row)
+    return rows
+
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -402,18 +423,7 @@ def main(argv=None) -> int:
                 rounds[(pipeline, w)].append(v)
                 print(f"[{s.method} {s.backbone}@{s.size} round {r}] {pipeline}"
                       f"{'' if w is None else f' workers={w}'}: {v:.1f} img/s", flush=True)
-        rows = []
-        for (pipeline, w), vals in rounds.items():
-            contiguous = pipeline.endswith("as-is")
-            limit = rounds[("compute-as-is" if contiguous else "compute", None)]
-            row = {"pipeline": pipeline, "num_workers": w, "img_per_s": [round(v, 2) for v in vals],
-                   "median_img_per_s": round(statistics.median(vals), 2),
-                   "memory_format": "contiguous" if contiguous or not s.channels_last else "channels-last",
-                   "ratio_to_compute": round(statistics.median(v / c for v, c in zip(vals, limit)), 3)}
-            for loop, key in (("domainbed", "ratio_to_domainbed"), ("domainbed-as-is", "ratio_to_domainbed_as_is")):
-                if pipeline == "batched" and (loop, w) in rounds:
-                    row[key] = round(statistics.median(v / d for v, d in zip(vals, rounds[(loop, w)])), 3)
-            rows.append(row)
+        rows = summarise(rounds, s.channels_last)
         res = {"method": s.method, "backbone": s.backbone, "image_size": s.size,
                "pretrained": s.pretrained or False, "batch": f"{args.batch_size} x 3 source domains",
                "steps_timed": steps, "warmup": args.warmup, "cache_build_s": cache_seconds,
