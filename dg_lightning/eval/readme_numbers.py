@@ -239,19 +239,13 @@ def _speed(results: Path, name: str) -> str:
         f"suite rows {fmt}; commit `{d['commit']}` (`results/{name}`)."
 
 
-@table("bench-speed")
-def bench_speed(results: Path) -> str:
-    return _speed(results, "cpu/bench_speed.json")
-
-
-@table("bench-speed-workers")
-def bench_speed_workers(results: Path) -> str:
-    return _speed(results, "cpu/bench_speed_workers.json")
-
-
-@table("bench-speed-channels-last")
-def bench_speed_channels_last(results: Path) -> str:
-    return _speed(results, "cpu/bench_speed_channels_last.json")
+#: ``make bench-speed`` runs in the README: table name -> results file
+SPEED_RUNS = {"bench-speed": "cpu/bench_speed.json", "bench-speed-workers": "cpu/bench_speed_workers.json",
+              "bench-speed-channels-last": "cpu/bench_speed_channels_last.json",
+              "bench-speed-breakdown": "cpu/bench_speed_breakdown.json",
+              "bench-speed-gcisg-channels-last": "cpu/bench_speed_gcisg_channels_last.json"}
+for _name, _file in SPEED_RUNS.items():
+    table(_name)(lambda results, file=_file: _speed(results, file))
 
 
 @table("bench-pacs-baselines")
@@ -303,29 +297,34 @@ def issa_mechanism(results: Path) -> str:
     return md_table(["", *(h for _, h, _ in ISSA_MECHANISM)], rows)
 
 
-def _issa_runs(d: dict) -> str:
-    """A ``make bench-issa`` JSON's runs: mIoU per target, mean ± standard error over seeds, per method and
-    selection."""
+def _issa_runs(*runs_of: tuple[str, dict]) -> str:
+    """``make bench-issa`` JSONs' runs: mIoU per target, mean ± standard error over seeds, per method and
+    selection; each JSON's ISSA methods get its label (``"label": d``; ``""``: none), ERM (the same
+    ``make bench-seg`` runs in each) is taken from the first."""
     rows = []
     for sel in ("training-domain validation", "stylised proxy validation"):  # 2 epochs: oracle = the last
-        for method in dict.fromkeys(r["method"] for r in d["runs"]):
-            runs = [r for r in d["runs"] if r["method"] == method and sel in r["selections"]]
-            if runs:
+        for i, (label, d) in enumerate(runs_of):
+            for method in dict.fromkeys(r["method"] for r in d["runs"]):
+                runs = [r for r in d["runs"] if r["method"] == method and sel in r["selections"]]
+                if not runs or (method == "ERM" and i > 0):
+                    continue
                 cells = [seed_mean(runs, lambda r, t=t, s=sel: r["selections"][s]["test"][t]) for t in SEG_TARGETS]
-                rows.append([method, SHORT.get(sel, sel), *cells])
+                name = f"{method}, {label}" if label and method != "ERM" else method
+                rows.append([name, SHORT.get(sel, sel), *cells])
     return md_table(["Method", "Selection", *SEG_TARGETS.values()], rows, "llrrr")
 
 
 @table("bench-issa")
 def bench_issa(results: Path) -> str:
     """``make bench-issa`` with the budgeted stages (seed 0)."""
-    return _issa_runs(load(results, "cpu/bench_issa.json"))
+    return _issa_runs(("", load(results, "cpu/bench_issa.json")))
 
 
 @table("bench-issa-defaults")
 def bench_issa_defaults(results: Path) -> str:
-    """``make bench-issa`` with its default stages and seeds."""
-    return _issa_runs(load(results, "cpu/bench_issa_defaults_f0ae047.json"))
+    """``make bench-issa`` with its default stages and seeds: at today's defaults, then at ``f0ae047``'s."""
+    new, old = load(results, "cpu/bench_issa_defaults.json"), load(results, "cpu/bench_issa_defaults_f0ae047.json")
+    return _issa_runs((f"defaults of `{new['commit']}`", new), ("defaults of `f0ae047`", old))
 
 
 #: the mechanism's columns: (key, header, format; "signed": with a minus sign)
@@ -341,12 +340,15 @@ def _mechanism_cells(m: dict) -> list[str]:
 @table("issa-trajectory")
 def issa_trajectory(results: Path) -> str:
     """The mechanism along the default stage 2 (every kept checkpoint, on the first val scenes), then the
-    final encoder on all 500."""
-    d = load(results, "cpu/bench_issa_defaults_f0ae047.json")
-    points = [(f"{t['batches']}", t) for t in d["trajectory"]]
-    points.append((f"{d['steps']['encoder']}, all scenes", d["mechanism"]))
-    rows = [[label, m["images"], *_mechanism_cells(m)] for label, m in points]
-    return md_table(["stage-2 batches", "scenes", *(h for _, h, _ in ISSA_COLUMNS)], rows)
+    final encoder on all 500: today's defaults, then ``f0ae047``'s."""
+    rows = []
+    for name in ("cpu/bench_issa_defaults.json", "cpu/bench_issa_defaults_f0ae047.json"):
+        d = load(results, name)
+        points = [(f"{t['batches']}", t) for t in d["trajectory"]]
+        points.append((f"{d['steps']['encoder']}, all scenes", d["mechanism"]))
+        rows += [[f"`{d['commit']}`", label, m["images"], *_mechanism_cells(m)] for label, m in points]
+    return md_table(["defaults of", "stage-2 batches", "scenes", *(h for _, h, _ in ISSA_COLUMNS)], rows,
+                    "ll" + "r" * (1 + len(ISSA_COLUMNS)))
 
 
 @table("issa-probes")
@@ -365,12 +367,16 @@ def issa_probes(results: Path) -> str:
 @table("bench-pacs-lite0-paths")
 def bench_pacs_lite0_paths(results: Path) -> str:
     """Table 2's YAML and seeds on both data paths at one commit (the cache that never enlarges a file),
-    then the earlier batched + cached runs (the copy enlarged to 110 px)."""
+    then the batched path with the model channels-last, then the earlier batched + cached runs (the copy
+    enlarged to 110 px)."""
     d = load(results, "cpu/bench_pacs_lite0_paths.json")
+    cl = load(results, "cpu/bench_pacs_lite0_channels_last.json")
     old = load(results, "cpu/bench_pacs_lite0_batched.json")
     sel = "training-domain validation"
     return method_rows({f"per-sample PIL path, `{d['commit']}`": [r for r in d["paths"]["per-sample"] if r["selection"] == sel],
                         f"batched + cached, `{d['commit']}`": [r for r in d["paths"]["batched"] if r["selection"] == sel],
+                        f"batched + cached, channels-last, `{cl['commit']}`": [r for r in cl["runs"]
+                                                                               if r["selection"] == sel],
                         f"batched + cached (110 px copy), `{old['commit']}`": [r for r in old["runs"]
                                                                                 if r["selection"] == sel]},
                        "Data path")
