@@ -156,14 +156,20 @@ class Setup:
         return self.args.batch_size * 3
 
 
+def first_batch(dm, model):
+    """The train loader's first batch, augmented, with ``model`` bound to ``dm`` first: a method's own views
+    (GCISG's two) are part of the batch, as in ``Trainer.fit``."""
+    model.bind_data(dm)
+    return dm.finish_batch(next(iter(dm.train_dataloader())))
+
+
 def compute_throughput(s: Setup, steps: int, warmup: int, as_is: bool = False) -> float:
     """Images/s of the step on an in-memory batch in the suite's settings (``as_is``: DomainBed's, contiguous fp32)."""
     dm = s.datamodule(0, True, steps)
     dm.prepare_data()
     model = s.model()
-    model.bind_data(dm)  # a method's own views (GCISG's two) are part of the batch
+    batch = first_batch(dm, model)
     s.place(model, as_is)
-    batch = dm.finish_batch(next(iter(dm.train_dataloader())))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return s.images_per_step / seconds_per_step(model, batch, opt, steps, warmup, "bf16" if s.bf16(as_is) else "32")
 
@@ -204,8 +210,7 @@ def pipeline_throughput(s: Setup, workers: int, batched: bool, steps: int, warmu
     dm = s.datamodule(workers, batched, warmup + steps)
     model = s.model(batched)
     if in_memory:
-        model.bind_data(dm)  # a method's own views (GCISG's two) are part of the batch, as in Trainer.fit
-        batch = dm.finish_batch(next(iter(dm.train_dataloader())))
+        batch = first_batch(dm, model)
         dm.train_dataloader = lambda: _Repeat(batch, warmup + steps + 1)
     timer = _Timer(warmup, steps)
     callbacks = [timer, StepSeed()] + ([ChannelsLast()] if s.channels_last else [])
@@ -305,7 +310,6 @@ def summarise(rounds: dict[tuple, list[float]], channels_last: bool) -> list[dic
                 row[key] = round(statistics.median(v / d for v, d in zip(vals, rounds[(loop, w)])), 3)
         rows.append(row)
     return rows
-
 
 
 def machine() -> dict:

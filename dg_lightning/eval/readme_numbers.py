@@ -320,11 +320,15 @@ def bench_issa(results: Path) -> str:
     return _issa_runs(("", load(results, "cpu/bench_issa.json")))
 
 
+#: ``make bench-issa`` at its defaults: today's, then ``f0ae047``'s (signed noise maps, noise L1 weight 0.1)
+ISSA_DEFAULTS_RUNS = ("cpu/bench_issa_defaults.json", "cpu/bench_issa_defaults_f0ae047.json")
+
+
 @table("bench-issa-defaults")
 def bench_issa_defaults(results: Path) -> str:
-    """``make bench-issa`` with its default stages and seeds: at today's defaults, then at ``f0ae047``'s."""
-    new, old = load(results, "cpu/bench_issa_defaults.json"), load(results, "cpu/bench_issa_defaults_f0ae047.json")
-    return _issa_runs((f"defaults of `{new['commit']}`", new), ("defaults of `f0ae047`", old))
+    """``make bench-issa`` with its default stages and seeds, each run labelled by its commit."""
+    runs = [load(results, name) for name in ISSA_DEFAULTS_RUNS]
+    return _issa_runs(*((f"defaults of `{d['commit']}`", d) for d in runs))
 
 
 #: the mechanism's columns: (key, header, format; "signed": with a minus sign)
@@ -342,7 +346,7 @@ def issa_trajectory(results: Path) -> str:
     """The mechanism along the default stage 2 (every kept checkpoint, on the first val scenes), then the
     final encoder on all 500: today's defaults, then ``f0ae047``'s."""
     rows = []
-    for name in ("cpu/bench_issa_defaults.json", "cpu/bench_issa_defaults_f0ae047.json"):
+    for name in ISSA_DEFAULTS_RUNS:
         d = load(results, name)
         points = [(f"{t['batches']}", t) for t in d["trajectory"]]
         points.append((f"{d['steps']['encoder']}, all scenes", d["mechanism"]))
