@@ -255,6 +255,36 @@ def bench_pacs_baselines(results: Path) -> str:
                         "ERM + SWAD run": t["erm-swad-lite0-96px"]["runs"]})
 
 
+#: table 2's ERM trained channels-last (seeds 0 1), and each CPU lite0 YAML of ``make bench-pacs-methods``
+#: and ``-baselines`` re-run with it (``lodo``'s summaries)
+LITE0_CHANNELS_LAST = {"ERM": "cpu/bench_pacs_lite0_channels_last.json",
+                       "RISE (random CLIP teacher)": "cpu/bench_pacs_rise_lite0_channels_last.json",
+                       "GCISG": "cpu/bench_pacs_gcisg_lite0_channels_last.json",
+                       "CORAL": "cpu/bench_pacs_coral_lite0_channels_last.json",
+                       "ERM + SWAD run": "cpu/bench_pacs_erm_swad_lite0_channels_last.json"}
+
+
+def _channels_last_rows(results: Path, methods: list[str], seeds: set[int]) -> str:
+    """``methods``' channels-last LODO runs on ``seeds``, each labelled by its commit."""
+    rows = {}
+    for method in methods:
+        d = load(results, LITE0_CHANNELS_LAST[method])
+        rows[f"{method}, `{d['commit']}`"] = [r for r in d["runs"] if r["seed"] in seeds]
+    return method_rows(rows)
+
+
+@table("bench-pacs-methods-channels-last")
+def bench_pacs_methods_channels_last(results: Path) -> str:
+    """``make bench-pacs-methods``'s YAMLs, channels-last, seeds 0 1."""
+    return _channels_last_rows(results, ["ERM", "RISE (random CLIP teacher)", "GCISG"], {0, 1})
+
+
+@table("bench-pacs-baselines-channels-last")
+def bench_pacs_baselines_channels_last(results: Path) -> str:
+    """``make bench-pacs-baselines``'s YAMLs, channels-last, seed 0 (ERM: its seed-0 runs of table 2's re-run)."""
+    return _channels_last_rows(results, ["ERM", "CORAL", "ERM + SWAD run"], {0})
+
+
 def _mnist(results: Path, key: str) -> str:
     """One ``make bench-mnist`` benchmark: DomainBed's published ERM row, then each method x selection."""
     d = load(results, "cpu/bench_mnist.json")
