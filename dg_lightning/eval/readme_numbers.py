@@ -243,7 +243,8 @@ def _speed(results: Path, name: str) -> str:
 SPEED_RUNS = {"bench-speed": "cpu/bench_speed.json", "bench-speed-workers": "cpu/bench_speed_workers.json",
               "bench-speed-channels-last": "cpu/bench_speed_channels_last.json",
               "bench-speed-breakdown": "cpu/bench_speed_breakdown.json",
-              "bench-speed-gcisg-channels-last": "cpu/bench_speed_gcisg_channels_last.json"}
+              "bench-speed-gcisg-channels-last": "cpu/bench_speed_gcisg_channels_last.json",
+              "bench-speed-erm-gcisg": "cpu/bench_speed_erm_gcisg.json"}
 for _name, _file in SPEED_RUNS.items():
     table(_name)(lambda results, file=_file: _speed(results, file))
 
