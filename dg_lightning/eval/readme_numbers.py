@@ -405,7 +405,7 @@ def bench_pacs_lite0_paths(results: Path) -> str:
     then the batched path with the model channels-last, then the earlier batched + cached runs (the copy
     enlarged to 110 px)."""
     d = load(results, "cpu/bench_pacs_lite0_paths.json")
-    cl = load(results, "cpu/bench_pacs_lite0_channels_last.json")
+    cl = load(results, LITE0_CHANNELS_LAST["ERM"])
     old = load(results, "cpu/bench_pacs_lite0_batched.json")
     sel = "training-domain validation"
     return method_rows({f"per-sample PIL path, `{d['commit']}`": [r for r in d["paths"]["per-sample"] if r["selection"] == sel],
