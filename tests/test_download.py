@@ -56,3 +56,34 @@ def test_download_cli_reports_checksum_error(tmp_path, pacs_server, capsys):
 
 def test_published_source_has_a_checksum():
     assert dl.SOURCES["pacs"].md5 and len(dl.SOURCES["pacs"].md5) == 32
+
+
+def _tar(path, members):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as t:
+        for name, kind in members:
+            info = tarfile.TarInfo(name)
+            if kind == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                t.addfile(info)
+            else:
+                info.size = 2
+                t.addfile(info, io.BytesIO(b"ok"))
+    return path
+
+
+@pytest.mark.parametrize("with_filter", [True, False], ids=["data-filter", "python-without-filters"])
+def test_extract_unpacks_a_tar_and_refuses_paths_outside(tmp_path, monkeypatch, with_filter):
+    import tarfile
+
+    if not with_filter:  # Python 3.11.0-3.11.3 have no extraction filters: the members are checked here
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    good = _tar(tmp_path / "good.tar.gz", [("VLCS/Caltech101/bird/1.jpg", "file")])
+    dl.extract(good, tmp_path / "out")
+    assert (tmp_path / "out/VLCS/Caltech101/bird/1.jpg").read_bytes() == b"ok"
+    for bad in (("../escape.txt", "file"), ("VLCS/link", "symlink")):
+        with pytest.raises((tarfile.TarError, dl.DataError)):
+            dl.extract(_tar(tmp_path / "bad.tar.gz", [bad]), tmp_path / "out2")
+        assert not (tmp_path / "escape.txt").exists()

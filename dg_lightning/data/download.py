@@ -114,13 +114,29 @@ def fetch(url: str, dest: Path, timeout: float = 60.0) -> Path:
     return dest
 
 
+def _safe_members(tar: tarfile.TarFile, into: Path) -> list[tarfile.TarInfo]:
+    """The members of ``tar`` if each is a plain file or folder that lands inside ``into`` (what the
+    ``data`` filter enforces, for a Python without it); else a :class:`DataError` naming the member."""
+    root = Path(into).resolve()
+    members = tar.getmembers()
+    for m in members:
+        target = (root / m.name).resolve()
+        if not (m.isfile() or m.isdir()) or (target != root and root not in target.parents):
+            raise DataError(f"{m.name!r} in the archive is a link, a device or a path outside {root}: "
+                            "not unpacked", fix="check where the archive came from, or unpack it by hand")
+    return members
+
+
 def extract(archive: Path, into: Path) -> None:
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as z:
             z.extractall(into)
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as t:
-            t.extractall(into, filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 (and the 3.8-3.10 security releases)
+                t.extractall(into, filter="data")
+            else:
+                t.extractall(into, members=_safe_members(t, into))
     else:
         raise DataError(f"{archive} is neither a zip nor a tar archive")
 
