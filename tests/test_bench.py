@@ -92,10 +92,15 @@ def test_speed_bench_measures_every_pipeline_in_rounds(tmp_path, monkeypatch, me
         assert len(r["img_per_s"]) == 2 and all(v > 0 for v in r["img_per_s"]) and r["ratio_to_compute"] > 0
         assert r["memory_format"] == ("contiguous" if r["pipeline"] in as_is else memory_format)
     assert rows["compute"]["ratio_to_compute"] == 1.0 and rows["batched"]["ratio_to_domainbed"] > 0
+    assert rows["batched"]["compute_over_domainbed"] == pytest.approx(statistics.median(
+        c / d for c, d in zip(rows["compute"]["img_per_s"], rows["domainbed"]["img_per_s"])), abs=2e-3)
+    assert result["wall_seconds"] > 0
     # compute rows, 2 rounds: the suite's in its format, the as-is one contiguous
     assert sorted(formats) == sorted([memory_format == "channels-last"] * 2 + [False] * (2 if as_is else 0))
     if as_is:
         assert rows["compute-as-is"]["ratio_to_compute"] == 1.0 and rows["batched"]["ratio_to_domainbed_as_is"] > 0
+        assert rows["batched"]["compute_over_domainbed_as_is"] == pytest.approx(statistics.median(  # the ceiling
+            c / d for c, d in zip(rows["compute"]["img_per_s"], rows["domainbed-as-is"]["img_per_s"])), abs=2e-3)
         a, c = rows["domainbed-as-is"], rows["compute-as-is"]
         assert a["ratio_to_compute"] == pytest.approx(
             statistics.median(v / w for v, w in zip(a["img_per_s"], c["img_per_s"])), abs=2e-3)
