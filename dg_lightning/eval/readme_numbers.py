@@ -224,19 +224,24 @@ def _speed(results: Path, name: str) -> str:
     d = load(results, name)
     # DomainBed's loop as it runs (contiguous fp32), when the suite's rows ran in other settings
     as_is = any("ratio_to_domainbed_as_is" in r for res in d["results"] for r in res["rows"])
+    # the ceiling of batched / DomainBed as is (compute limit over that loop), recorded from bbeca05 on
+    ceiling = any("compute_over_domainbed_as_is" in r for res in d["results"] for r in res["rows"])
     rows = []
     for res in d["results"]:
         label = f"{res['method'].upper()}, {res['backbone']} {res['image_size']} px"
         for r in res["rows"]:
-            ratios = [r.get("ratio_to_domainbed")] + ([r.get("ratio_to_domainbed_as_is")] if as_is else [])
+            ratios = [r.get("ratio_to_domainbed")] + ([r.get("ratio_to_domainbed_as_is")] if as_is else []) \
+                + ([r.get("compute_over_domainbed_as_is")] if ceiling else [])
             rows.append([label, r["pipeline"], "" if r["num_workers"] is None else r["num_workers"],
                          f"{r['median_img_per_s']:.1f}", f"{r['ratio_to_compute']:.2f}",
                          *("—" if v is None else f"{v:.2f}" for v in ratios)])
     head = ["method, backbone", "pipeline", "workers", "img/s (median)", "/ compute", "batched / DomainBed"]
     head += ["batched / DomainBed as is"] if as_is else []
+    head += ["ceiling: compute / DomainBed as is"] if ceiling else []
     fmt = d.get("memory_format", "contiguous") + (", " + d["precision"] if d.get("precision") not in (None, "32") else "")
-    return md_table(head, rows, "llrrrr" + "r" * as_is) + f"\n\n{d['rounds']} rounds, {d['date']}, {d['data']}; " \
-        f"suite rows {fmt}; commit `{d['commit']}` (`results/{name}`)."
+    wall = f", {d['wall_seconds'] / 60:.0f} min wall" if "wall_seconds" in d else ""
+    return md_table(head, rows, "llrrrr" + "r" * (as_is + ceiling)) + f"\n\n{d['rounds']} rounds, {d['date']}{wall}, " \
+        f"{d['data']}; suite rows {fmt}; commit `{d['commit']}` (`results/{name}`)."
 
 
 #: ``make bench-speed`` runs in the README: table name -> results file
@@ -244,7 +249,8 @@ SPEED_RUNS = {"bench-speed": "cpu/bench_speed.json", "bench-speed-workers": "cpu
               "bench-speed-channels-last": "cpu/bench_speed_channels_last.json",
               "bench-speed-breakdown": "cpu/bench_speed_breakdown.json",
               "bench-speed-gcisg-channels-last": "cpu/bench_speed_gcisg_channels_last.json",
-              "bench-speed-erm-gcisg": "cpu/bench_speed_erm_gcisg.json"}
+              "bench-speed-erm-gcisg": "cpu/bench_speed_erm_gcisg.json",
+              "bench-speed-erm-gcisg-ceiling": "cpu/bench_speed_erm_gcisg_ceiling.json"}
 for _name, _file in SPEED_RUNS.items():
     table(_name)(lambda results, file=_file: _speed(results, file))
 
