@@ -220,7 +220,8 @@ def identifiability(results: Path) -> str:
 
 def _speed(results: Path, name: str) -> str:
     """A ``make bench-speed`` JSON: per method and backbone, each pipeline's median images/s, its median ratio
-    to the same round's compute limit and, for ``batched``, to DomainBed's loop at the same workers."""
+    to the same round's compute limit and, for ``batched``, to DomainBed's loop at the same workers (and
+    that ratio's ceiling, the compute limit over the loop, where the run records it)."""
     d = load(results, name)
     # DomainBed's loop as it runs (contiguous fp32), when the suite's rows ran in other settings
     as_is = any("ratio_to_domainbed_as_is" in r for res in d["results"] for r in res["rows"])
