@@ -1,5 +1,6 @@
 import json
 import statistics
+import time
 
 import pytest
 import torch
@@ -95,6 +96,10 @@ def test_speed_bench_measures_every_pipeline_in_rounds(tmp_path, monkeypatch, me
     assert rows["batched"]["compute_over_domainbed"] == pytest.approx(statistics.median(
         c / d for c, d in zip(rows["compute"]["img_per_s"], rows["domainbed"]["img_per_s"])), abs=2e-3)
     assert result["wall_seconds"] > 0
+    for name, r in rows.items():  # the Trainer.fit rows: the share of their wall time between steps
+        shares = r.get("between_steps_share")
+        assert (shares is not None) == (name in ("per-sample", "batched", "loop"))
+        assert shares is None or (len(shares) == 2 and all(0 < v < 1 for v in shares))
     # compute rows, 2 rounds: the suite's in its format, the as-is one contiguous
     assert sorted(formats) == sorted([memory_format == "channels-last"] * 2 + [False] * (2 if as_is else 0))
     if as_is:
@@ -112,21 +117,29 @@ def test_speed_bench_measures_every_pipeline_in_rounds(tmp_path, monkeypatch, me
 @pytest.mark.parametrize("in_memory", [False, True])
 def test_speed_bench_loop_row_trains_on_one_batch_augmented_once(tmp_path, monkeypatch, in_memory):
     """``loop`` (``in_memory``): Lightning's loop gets the batch already augmented, every step; the
-    pipeline row augments a fresh loader batch every step."""
+    pipeline row augments a fresh loader batch every step, and that time (made 0.2 s here, as the step's)
+    is counted between steps, the step's not."""
     from types import SimpleNamespace
 
     from dg_lightning.bench import speed
     from dg_lightning.core.data import MultiDomainDataModule
     from dg_lightning.data.synthetic import write_image_folder
+    from dg_lightning.methods import ERM
 
     write_image_folder(tmp_path / "img", per_class=4, size=32, fmt="jpg")
     augmented = []
     real = MultiDomainDataModule.finish_batch
     monkeypatch.setattr(MultiDomainDataModule, "finish_batch",
-                        lambda self, batch: augmented.append(isinstance(batch[0], dict)) or real(self, batch))
+                        lambda self, batch: augmented.append(isinstance(batch[0], dict))
+                        or (isinstance(batch[0], dict) and time.sleep(0.2)) or real(self, batch))
+    step = ERM.training_step
+    monkeypatch.setattr(ERM, "training_step", lambda self, *a, **kw: time.sleep(0.2) or step(self, *a, **kw))
     args = SimpleNamespace(device="cpu", memory_format="contiguous", batch_size=2, pacs=False, root=str(tmp_path / "img"))
     s = speed.Setup(args, "erm", "resnet10t", 32, False)
-    assert speed.pipeline_throughput(s, 0, True, steps=2, warmup=1, in_memory=in_memory) > 0
+    img_per_s, between = speed.pipeline_throughput(s, 0, True, steps=2, warmup=1, in_memory=in_memory)
+    assert img_per_s > 0
+    # 2 timed steps of 0.2 s, each after a 0.2 s augmentation (or none): half the time, or almost none
+    assert between < 0.2 if in_memory else 0.3 < between < 0.7
     assert sum(augmented) == (1 if in_memory else 4) and len(augmented) >= 4  # 1 + 2 steps + the stopping one
 
 

@@ -31,6 +31,11 @@ For each method and backbone@size, in interleaved rounds (so that ratios survive
   gains, compute included. The ``batched`` row also gives the ceiling of those two ratios: the suite's
   compute limit over the loop in each round (``compute_over_domainbed``, ``compute_over_domainbed_as_is``).
 
+The ``Trainer.fit`` rows (``per-sample``, ``batched``, ``loop``) also give the share of their timed wall
+time spent between steps (``between_steps_share``): from the end of one training batch to the start of
+the next, where the loader's next batch is read, moved and augmented. It is measured on the same steps
+as the images/s, so it does not move with the machine's load as the ratio of two measurements does.
+
 Memory format (``--memory-format``, default ``channels-last``): the model of ``compute``,
 ``per-sample``, ``batched`` and ``domainbed`` in channels-last (``core.callbacks.ChannelsLast`` in the
 pipelines), which on CPUs too lets oneDNN run convolutions, depthwise ones above all, without layout
@@ -97,12 +102,22 @@ def seconds_per_step(model, batch, opt: torch.optim.Optimizer, steps: int, warmu
 # -- the suite's pipelines --------------------------------------------------------------------------------
 class _Timer(L.Callback):
     """Wall time from the start of batch ``warmup`` to the start of batch ``warmup + steps`` (synchronised
-    only at those two points, so the loop runs as it would)."""
+    only at those two points, so the loop runs as it would), and the part of it spent between steps:
+    from the end of one training batch to the start of the next, where Lightning reads the loader's next
+    batch, moves it and augments it (``on_after_batch_transfer``). Both are measured on the same steps,
+    so their ratio does not move with the machine's load as a ratio of two runs does. On CUDA it is host
+    time, which may overlap the GPU's queued work (an upper bound on the GPU's wait)."""
 
     def __init__(self, warmup: int, steps: int):
         self.warmup, self.steps, self.t0, self.seconds = warmup, steps, None, None
+        self.between, self._end = 0.0, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._end = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.warmup < batch_idx <= self.warmup + self.steps:
+            self.between += time.perf_counter() - self._end
         if batch_idx in (self.warmup, self.warmup + self.steps):
             if pl_module.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -205,9 +220,10 @@ def data_path_throughput(s: Setup, workers: int, steps: int, warmup: int) -> flo
 
 
 def pipeline_throughput(s: Setup, workers: int, batched: bool, steps: int, warmup: int,
-                        in_memory: bool = False) -> float:
+                        in_memory: bool = False) -> tuple[float, float]:
     """Images/s of ``Trainer.fit`` on the per-sample or batched path (``in_memory``: on one batch of the
-    batched path, already augmented, given again every step: Lightning's loop on the compute limit's work)."""
+    batched path, already augmented, given again every step: Lightning's loop on the compute limit's work),
+    and the share of that wall time spent between steps (``_Timer``)."""
     dm = s.datamodule(workers, batched, warmup + steps)
     model = s.model(batched)
     if in_memory:
@@ -225,7 +241,7 @@ def pipeline_throughput(s: Setup, workers: int, batched: bool, steps: int, warmu
         trainer.fit(model, datamodule=dm)
     if batched and not in_memory:  # False if the method replaced the preset by per-sample views
         s.batched_training = dm.batched_training
-    return s.images_per_step * steps / timer.seconds
+    return s.images_per_step * steps / timer.seconds, timer.between / timer.seconds
 
 
 # -- DomainBed's loop ---------------------------------------------------------------------------------------
@@ -294,11 +310,13 @@ def domainbed_throughput(s: Setup, workers: int, steps: int, warmup: int, as_is:
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
-def summarise(rounds: dict[tuple, list[float]], channels_last: bool) -> list[dict]:
+def summarise(rounds: dict[tuple, list[float]], channels_last: bool,
+              between: dict[tuple, list[float]] | None = None) -> list[dict]:
     """Rows from each (pipeline, workers)'s images/s per round: the median, the median of the per-round
     ratios to that round's compute limit (``-as-is`` rows: to ``compute-as-is``) and, for ``batched``,
     to DomainBed's loop at the same workers, with the ceiling of that ratio: the suite's compute limit
-    over the loop (``compute_over_domainbed``...), what a data path that cost nothing would reach."""
+    over the loop (``compute_over_domainbed``...), what a data path that cost nothing would reach; for the
+    ``Trainer.fit`` rows, the median share of their wall time spent between steps (``between``)."""
     rows = []
     for (pipeline, w), vals in rounds.items():
         contiguous = pipeline.endswith("as-is")
@@ -307,6 +325,9 @@ def summarise(rounds: dict[tuple, list[float]], channels_last: bool) -> list[dic
                "median_img_per_s": round(statistics.median(vals), 2),
                "memory_format": "contiguous" if contiguous or not channels_last else "channels-last",
                "ratio_to_compute": round(statistics.median(v / c for v, c in zip(vals, limit)), 3)}
+        if (pipeline, w) in (between or {}):
+            row["between_steps_share"] = [round(v, 4) for v in between[(pipeline, w)]]
+            row["median_between_steps_share"] = round(statistics.median(between[(pipeline, w)]), 4)
         for loop, key in (("domainbed", "ratio_to_domainbed"), ("domainbed-as-is", "ratio_to_domainbed_as_is")):
             if pipeline == "batched" and (loop, w) in rounds:
                 row[key] = round(statistics.median(v / d for v, d in zip(vals, rounds[(loop, w)])), 3)
@@ -417,22 +438,27 @@ def main(argv=None) -> int:
                for p in ("per-sample", "batched", *loops, *(("data-path",) if args.breakdown else ()))
                if with_domainbed or not p.startswith("domainbed")]
         rounds: dict[tuple, list[float]] = {k: [] for k in items}
+        between: dict[tuple, list[float]] = {}  # Trainer.fit rows: share of the wall time between steps
         for r in range(args.rounds):
             for pipeline, w in (items if r % 2 == 0 else items[::-1]):
+                share = None
                 if pipeline.startswith("compute"):
                     v = compute_throughput(s, steps, args.warmup, as_is=pipeline.endswith("as-is"))
                 elif pipeline == "loop":
-                    v = pipeline_throughput(s, 0, True, steps, args.warmup, in_memory=True)
+                    v, share = pipeline_throughput(s, 0, True, steps, args.warmup, in_memory=True)
                 elif pipeline == "data-path":
                     v = data_path_throughput(s, w, steps, args.warmup)
                 elif pipeline.startswith("domainbed"):
                     v = domainbed_throughput(s, w, steps, args.warmup, as_is=pipeline.endswith("as-is"))
                 else:
-                    v = pipeline_throughput(s, w, pipeline == "batched", steps, args.warmup)
+                    v, share = pipeline_throughput(s, w, pipeline == "batched", steps, args.warmup)
                 rounds[(pipeline, w)].append(v)
+                if share is not None:
+                    between.setdefault((pipeline, w), []).append(share)
                 print(f"[{s.method} {s.backbone}@{s.size} round {r}] {pipeline}"
-                      f"{'' if w is None else f' workers={w}'}: {v:.1f} img/s", flush=True)
-        rows = summarise(rounds, s.channels_last)
+                      f"{'' if w is None else f' workers={w}'}: {v:.1f} img/s"
+                      f"{'' if share is None else f', {share:.3f} of it between steps'}", flush=True)
+        rows = summarise(rounds, s.channels_last, between)
         res = {"method": s.method, "backbone": s.backbone, "image_size": s.size,
                "pretrained": s.pretrained or False, "batch": f"{args.batch_size} x 3 source domains",
                "steps_timed": steps, "warmup": args.warmup, "cache_build_s": cache_seconds,
