@@ -218,36 +218,34 @@ def identifiability(results: Path) -> str:
     return "\n\n".join(tables)
 
 
+#: a ``make bench-speed`` row's optional columns (key, header, format), shown when a row of the run has the key:
+#: DomainBed's loop as it runs (contiguous fp32, when the suite's rows ran in other settings); the ceiling of
+#: that ratio (compute limit over the loop, recorded from bbeca05 on); the ``Trainer.fit`` rows' share of wall
+#: time between steps (from d8ac73f on)
+_SPEED_OPTIONAL = [("ratio_to_domainbed_as_is", "batched / DomainBed as is", "{:.2f}"),
+                   ("compute_over_domainbed_as_is", "ceiling: compute / DomainBed as is", "{:.2f}"),
+                   ("median_between_steps_share", "share of wall between steps", "{:.3f}")]
+
+
 def _speed(results: Path, name: str) -> str:
     """A ``make bench-speed`` JSON: per method and backbone, each pipeline's median images/s, its median ratio
-    to the same round's compute limit and, for ``batched``, to DomainBed's loop at the same workers (and
-    that ratio's ceiling, the compute limit over the loop, and the ``Trainer.fit`` rows' share of wall time
-    between steps, where the run records them)."""
+    to the same round's compute limit and, for ``batched``, to DomainBed's loop at the same workers, then the
+    optional columns (``_SPEED_OPTIONAL``) the run records."""
     d = load(results, name)
-    # DomainBed's loop as it runs (contiguous fp32), when the suite's rows ran in other settings
-    as_is = any("ratio_to_domainbed_as_is" in r for res in d["results"] for r in res["rows"])
-    # the ceiling of batched / DomainBed as is (compute limit over that loop), recorded from bbeca05 on
-    ceiling = any("compute_over_domainbed_as_is" in r for res in d["results"] for r in res["rows"])
-    # Trainer.fit rows: the share of their wall time between steps, recorded from a later commit on
-    between = any("median_between_steps_share" in r for res in d["results"] for r in res["rows"])
+    every_row = [r for res in d["results"] for r in res["rows"]]
+    columns = [("ratio_to_domainbed", "batched / DomainBed", "{:.2f}")] + \
+        [c for c in _SPEED_OPTIONAL if any(c[0] in r for r in every_row)]
     rows = []
     for res in d["results"]:
         label = f"{res['method'].upper()}, {res['backbone']} {res['image_size']} px"
         for r in res["rows"]:
-            ratios = [r.get("ratio_to_domainbed")] + ([r.get("ratio_to_domainbed_as_is")] if as_is else []) \
-                + ([r.get("compute_over_domainbed_as_is")] if ceiling else [])
             rows.append([label, r["pipeline"], "" if r["num_workers"] is None else r["num_workers"],
                          f"{r['median_img_per_s']:.1f}", f"{r['ratio_to_compute']:.2f}",
-                         *("—" if v is None else f"{v:.2f}" for v in ratios),
-                         *([f"{r['median_between_steps_share']:.3f}" if "median_between_steps_share" in r else "—"]
-                           if between else [])])
-    head = ["method, backbone", "pipeline", "workers", "img/s (median)", "/ compute", "batched / DomainBed"]
-    head += ["batched / DomainBed as is"] if as_is else []
-    head += ["ceiling: compute / DomainBed as is"] if ceiling else []
-    head += ["share of wall between steps"] if between else []
+                         *("—" if r.get(key) is None else f.format(r[key]) for key, _, f in columns)])
+    head = ["method, backbone", "pipeline", "workers", "img/s (median)", "/ compute", *(h for _, h, _ in columns)]
     fmt = d.get("memory_format", "contiguous") + (", " + d["precision"] if d.get("precision") not in (None, "32") else "")
     wall = f", {d['wall_seconds'] / 60:.0f} min wall" if "wall_seconds" in d else ""
-    return md_table(head, rows, "llrrrr" + "r" * (as_is + ceiling + between)) + f"\n\n{d['rounds']} rounds, {d['date']}{wall}, " \
+    return md_table(head, rows, "llrrr" + "r" * len(columns)) + f"\n\n{d['rounds']} rounds, {d['date']}{wall}, " \
         f"{d['data']}; suite rows {fmt}; commit `{d['commit']}` (`results/{name}`)."
 
 
