@@ -7,6 +7,7 @@ import torch
 
 from dg_lightning.bench import steptime
 from dg_lightning.bench.steptime import main as steptime_main
+from dg_lightning.data.folder import ImageFolderDomains
 from tests.conftest import ROOT
 
 
@@ -79,11 +80,22 @@ def test_speed_bench_measures_every_pipeline_in_rounds(tmp_path, monkeypatch, me
         return real(model, *args, **kw)
 
     monkeypatch.setattr(speed, "seconds_per_step", spy)
+    # --file-side (with contiguous): DomainBed's loop and the per-sample path decode the resized copy's files
+    file_side = ["--file-side", "40"] if memory_format == "contiguous" else []
+    decoded = []
+    read = speed._Images.__getitem__
+    monkeypatch.setattr(speed._Images, "__getitem__",
+                        lambda self, i: decoded.append(self.loader(self.paths[i]).size) or read(self, i))
+    load = ImageFolderDomains._load
+    monkeypatch.setattr(ImageFolderDomains, "_load", lambda self, item: decoded.append(load(self, item).size)
+                        or load(self, item))
     out = tmp_path / "speed.json"
     rc = speed.main(["--root", str(tmp_path / "no-pacs"), "--methods", "erm", "--models", "resnet10t@32",
                      "--workers", "0", "--rounds", "2", "--steps", "1", "--warmup", "0", "--batch-size", "2",
-                     "--memory-format", memory_format, "--breakdown", "--out", str(out)])
+                     "--memory-format", memory_format, "--breakdown", *file_side, "--out", str(out)])
     result = json.loads(out.read_text())
+    assert set(decoded) == {(40, 40) if file_side else (96, 96)}  # the embedded shapes are written at 96 px
+    assert ("resized to 40 px" in result["data"]) == bool(file_side)
     assert rc == 0 and result["commit"] and result["machine"]["cores"] and "bench.speed" in result["command"]
     assert result["memory_format"] == memory_format
     rows = {r["pipeline"]: r for r in result["results"][0]["rows"]}

@@ -1,7 +1,10 @@
 import numpy as np
 import pytest
+from PIL import Image
 
+from dg_lightning.core.errors import DataNotFoundError
 from dg_lightning.data import PACS, ImageFolderDomains
+from dg_lightning.data.folder import write_resized_copy
 from dg_lightning.data.synthetic import SHAPES, STYLES, write_image_folder
 from tests.conftest import PACS_CLASSES, PACS_DOMAINS, write_fake_pacs
 
@@ -75,6 +78,25 @@ def test_unreadable_image_names_the_file(fake_pacs):
     ds = dm.dataset("cartoon", "test")
     with pytest.raises(RuntimeError, match=r"cannot read image .*cartoon/dog/pic_000.jpg"):
         ds[0]
+
+
+def test_resized_copy_keeps_the_tree_names_formats_and_content(tmp_path, fake_pacs):
+    write_image_folder(tmp_path / "shapes", per_class=2, size=32, fmt="png")
+    assert write_resized_copy(tmp_path / "shapes", tmp_path / "big", 48) == 2 * len(SHAPES) * len(STYLES)
+    originals = sorted(p.relative_to(tmp_path / "shapes") for p in (tmp_path / "shapes").glob("*/*/*"))
+    assert sorted(p.relative_to(tmp_path / "big") for p in (tmp_path / "big").glob("*/*/*")) == originals
+    for rel in originals[:6]:
+        with Image.open(tmp_path / "big" / rel) as big:
+            assert big.size == (48, 48) and big.format == "PNG"
+            back = np.asarray(big.convert("RGB").resize((32, 32), Image.BICUBIC), dtype=float)
+        assert np.abs(back - np.asarray(Image.open(tmp_path / "shapes" / rel), dtype=float)).mean() < 12
+    write_resized_copy(fake_pacs, tmp_path / "pacs227", 40)  # a data module reads the copy as the original
+    dm = PACS(root=str(tmp_path / "pacs227"), test_domains=["photo"], split_seed=0)
+    assert dm.domains == list(PACS_DOMAINS) and len(dm.dataset("photo", "test")) == 3 * 7
+    with Image.open(tmp_path / "pacs227" / "photo" / "dog" / "pic_000.jpg") as im:
+        assert im.format == "JPEG" and im.size == (40, 40)
+    with pytest.raises(DataNotFoundError, match="no images under"):
+        write_resized_copy(tmp_path / "pacs227" / "photo", tmp_path / "none", 40)  # one level too deep
 
 
 @pytest.mark.realdata
