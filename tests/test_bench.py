@@ -126,6 +126,24 @@ def test_speed_bench_measures_every_pipeline_in_rounds(tmp_path, monkeypatch, me
     assert result["results"][0]["batched_augmentation_in_training"] is True
 
 
+def test_speed_bench_cuda_settings_and_a_bad_file_side(monkeypatch, capsys):
+    """``--device cuda`` (no GPU here: its settings only): ResNet-50 at 224 px, batch 32, a worker sweep up to
+    the cores, bf16 and channels-last in the suite's rows, neither in DomainBed's loop as it runs."""
+    from dg_lightning.bench import speed
+
+    monkeypatch.setattr(speed.os, "cpu_count", lambda: 8)
+    args = speed.parse_args(["--device", "cuda"])
+    assert (args.models, args.batch_size, args.workers) == (["resnet50@224"], 32, [0, 2, 4, 8])
+    s = speed.Setup(args, "erm", "resnet50", 224, False)
+    assert s.bf16() and not s.bf16(as_is=True) and s.channels_last and s.images_per_step == 96
+    cpu = speed.parse_args([])
+    assert (cpu.models[0], cpu.batch_size, cpu.workers) == ("resnet18@64", 24, [0, 1, 2])
+    assert not speed.Setup(cpu, "erm", "resnet18", 64, False).bf16()
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--file-side", "0"])
+    assert "--file-side 0: give the side in pixels" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("in_memory", [False, True])
 def test_speed_bench_loop_row_trains_on_one_batch_augmented_once(tmp_path, monkeypatch, in_memory):
     """``loop`` (``in_memory``): Lightning's loop gets the batch already augmented, every step; the

@@ -394,6 +394,8 @@ def parse_args(argv):
                         "size of PACS's original files, whose decode the shared 96 px copy does not cost)")
     p.add_argument("--out", default="bench/speed.json")
     args = p.parse_args(argv)
+    if args.file_side is not None and args.file_side < 1:
+        p.error(f"--file-side {args.file_side}: give the side in pixels, e.g. --file-side 227 (PACS's originals)")
     cuda = args.device == "cuda"
     args.models = args.models or (["resnet50@224"] if cuda else ["resnet18@64", "tf_efficientnet_lite0@96:wheel"])
     args.batch_size = args.batch_size or (32 if cuda else 24)
