@@ -258,7 +258,8 @@ SPEED_RUNS = {"bench-speed": "cpu/bench_speed.json", "bench-speed-workers": "cpu
               "bench-speed-erm-gcisg-ceiling": "cpu/bench_speed_erm_gcisg_ceiling.json",
               "bench-speed-erm-between-steps": "cpu/bench_speed_erm_between_steps.json",
               "bench-speed-erm-file-side-227": "cpu/bench_speed_erm_file_side_227.json",
-              "bench-speed-resnet18-file-side-227": "cpu/bench_speed_resnet18_file_side_227.json"}
+              "bench-speed-resnet18-file-side-227": "cpu/bench_speed_resnet18_file_side_227.json",
+              "bench-speed-all": "cpu/bench_speed_all.json"}
 for _name, _file in SPEED_RUNS.items():
     table(_name)(lambda results, file=_file: _speed(results, file))
 
