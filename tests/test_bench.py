@@ -4,6 +4,7 @@ import time
 
 import pytest
 import torch
+import torchvision
 
 from dg_lightning.bench import steptime
 from dg_lightning.bench.steptime import main as steptime_main
@@ -82,13 +83,15 @@ def test_speed_bench_measures_every_pipeline_in_rounds(tmp_path, monkeypatch, me
     monkeypatch.setattr(speed, "seconds_per_step", spy)
     # --file-side (with contiguous): DomainBed's loop and the per-sample path decode the resized copy's files
     file_side = ["--file-side", "40"] if memory_format == "contiguous" else []
-    decoded = []
-    read = speed._Images.__getitem__
-    monkeypatch.setattr(speed._Images, "__getitem__",
-                        lambda self, i: decoded.append(self.loader(self.paths[i]).size) or read(self, i))
-    load = ImageFolderDomains._load
-    monkeypatch.setattr(ImageFolderDomains, "_load", lambda self, item: decoded.append(load(self, item).size)
-                        or load(self, item))
+    decoded = []  # the size of every image either path decodes
+
+    def seen(image):
+        decoded.append(image.size)
+        return image
+
+    pil_loader, load = torchvision.datasets.folder.default_loader, ImageFolderDomains._load
+    monkeypatch.setattr(torchvision.datasets.folder, "default_loader", lambda path: seen(pil_loader(path)))
+    monkeypatch.setattr(ImageFolderDomains, "_load", lambda self, item: seen(load(self, item)))
     out = tmp_path / "speed.json"
     rc = speed.main(["--root", str(tmp_path / "no-pacs"), "--methods", "erm", "--models", "resnet10t@32",
                      "--workers", "0", "--rounds", "2", "--steps", "1", "--warmup", "0", "--batch-size", "2",

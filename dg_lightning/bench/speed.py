@@ -44,14 +44,15 @@ limit (``domainbed-as-is``: to ``compute-as-is``), and for ``batched`` the media
 ``domainbed`` and to ``domainbed-as-is`` at the same worker count. Each round runs the measurements in
 the opposite order of the previous one. ``--device cuda``: ResNet-50 at 224 px, batch 32 x 3, bf16
 autocast (``bf16-mixed``), a worker sweep up to the machine's cores.
-Without PACS it writes the embedded shapes as 96 px JPEGs into a temporary folder. ``--file-side N``
-first copies the data's images resized to N x N (bicubic, JPEG quality 90) into a temporary folder and
-reads that copy: the shared PACS is a 96 px copy of files whose originals are 227 px, and the paths that
-decode every image on every step (``per-sample``, DomainBed's loop) pay for the size of the files they
-read, the cache only once (an upsampled copy is smoother than an original of that size, so if anything
-cheaper to decode). GCISG's data module
+Without PACS it writes the embedded shapes as 96 px JPEGs into a temporary folder. GCISG's data module
 uses ``augment: none`` (its views replace the preset), so the cache holds the training-size copy its
 batched views read.
+
+``--file-side N`` first copies the data's images resized to N x N (bicubic, JPEG quality 90) into a
+temporary folder and reads that copy: the shared PACS is a 96 px copy of files whose originals are
+227 px, and the paths that decode every image on every step (``per-sample``, DomainBed's loop) pay for
+the size of the files they read, the cache only once (an upsampled copy is smoother than an original of
+that size, so if anything cheaper to decode).
 Writes JSON with the command, the commit and the machine; prints a table.
 """
 
